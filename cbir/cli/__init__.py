@@ -1,0 +1,1 @@
+"""Thin command-line fronts: each parses flags and calls the package."""

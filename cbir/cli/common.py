@@ -1,0 +1,87 @@
+"""What every command shares: the flags of the thesis, error handling (one line, non-zero exit), the extractor."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from cbir.errors import CbirError
+
+EXIT_USAGE = 2
+
+
+def database_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("database")
+    group.add_argument("--db_name", default="db", help="database name (its own namespace; default: db)")
+    group.add_argument("--redis_url", default=None,
+                       help="external Redis server, e.g. redis://:password@host:6379/0 (default: $CBIR_REDIS_URL, "
+                            "else an embedded Redis kept in $CBIR_HOME/<db_name>)")
+    group.add_argument("--home", default=None, help="where databases live (default: $CBIR_HOME or ./cbir_data)")
+
+
+def extractor_args(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
+    group = parser.add_argument_group("extractor")
+    group.add_argument("--weights", default=None, required=required,
+                       help="extractor checkpoint written by cbir-train (default: the one the database was built with)")
+    group.add_argument("--extractor", "--model", dest="extractor", default=None,
+                       help="only to check the checkpoint, or with --num_features 0 and no --weights: the frozen "
+                            "ImageNet backbone's pooled features")
+    group.add_argument("--num_features", type=int, default=None, help="only to check the checkpoint")
+    group.add_argument("--dr_model", action="store_true", default=None, help="only to check the checkpoint")
+    group.add_argument("--batch_size", type=int, default=32)
+    group.add_argument("--num_workers", type=int, default=None, help="image-decoding workers (default: cores - 1)")
+    group.add_argument("--gpu_id", type=int, default=None)
+
+
+def build_extractor(args, recorded: dict | None = None):
+    """The extractor the user named: a checkpoint, the frozen backbone, or the one the database records."""
+    from cbir.models import create_extractor, load_extractor
+
+    if args.weights:
+        return load_extractor(args.weights, model=args.extractor, num_features=args.num_features, dr_model=args.dr_model)
+    if args.extractor and args.num_features == 0:
+        return create_extractor(args.extractor, 0, pretrained=True).eval()
+    if recorded:
+        if recorded.get("weights"):
+            return load_extractor(recorded["weights"], model=args.extractor, num_features=args.num_features)
+        return create_extractor(recorded["name"], 0, pretrained=True).eval()
+    raise CbirError("give --weights CHECKPOINT (from cbir-train), or --extractor NAME --num_features 0 for frozen "
+                    "ImageNet features")
+
+
+def describe_extractor(extractor, weights: str | None) -> dict:
+    info = extractor.describe()
+    info["weights"] = str(Path(weights).resolve()) if weights else None
+    return info
+
+
+def run(main, argv=None) -> int:
+    """Run a command: user errors become one line on stderr and exit 2; Ctrl-C exits 130."""
+    # Our own progress and warnings only: the root logger stays quiet (FAISS logs its CPU-feature probing there).
+    logger = logging.getLogger("cbir")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    try:
+        main(argv)
+    except CbirError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted; what was stored so far is kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+def entry_point(main):
+    """Turn ``main(argv)`` into a console-script function."""
+
+    def console_script(argv=None):
+        sys.exit(run(main, argv))
+
+    return console_script

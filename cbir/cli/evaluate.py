@@ -1,0 +1,83 @@
+"""cbir-eval: retrieval accuracy of a database on a query folder, by the thesis's protocols (test_accuracy.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cbir.cli.common import build_extractor, database_args, entry_point, extractor_args
+
+
+def parser() -> argparse.ArgumentParser:
+    from cbir.evaluation import MEASURES
+
+    p = argparse.ArgumentParser(prog="cbir-eval", description="Measure retrieval accuracy (nine numbers + timings).")
+    p.add_argument("--path", required=True, help="query folder, one sub-folder per class")
+    p.add_argument("--measure", default="random", choices=MEASURES, help="protocol (default: random)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random and stat")
+    p.add_argument("--repeats", type=int, default=10, help="repetitions of stat (default: 10)")
+    p.add_argument("--max_queries", type=int, default=1000, help="random: stop just over this many queries")
+    p.add_argument("--remove_classes", default=None,
+                   help="remove: comma-separated classes to leave out (default: the dominant classes, printed)")
+    p.add_argument("--project_name", default=None, help="only the queries of this project")
+    p.add_argument("--class_name", default=None, help="only the queries of this class")
+    p.add_argument("--projects_csv", default=None, help="class,project rows where names do not follow the rule")
+    p.add_argument("--similar", default=None, help="file of similar project pairs, one 'projA,projB' per line")
+    p.add_argument("--exclude_same", default=None,
+                   help="regex with one group on the file name (slide/patient id): results sharing it are ignored")
+    p.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for confidence intervals")
+    p.add_argument("--excel_path", default="excel_results/results.xlsx", help="separated: workbook to write")
+    p.add_argument("--name", default=None, help="separated: sheet name (default: the database name)")
+    p.add_argument("--cms", default=None, help="folder for the confusion matrices (top-1 and majority class)")
+    p.add_argument("--output", default=None, help="write every number to this JSON file")
+    p.add_argument("--nprobe", type=int, default=None, help="inverted lists searched (approximate index only)")
+    database_args(p)
+    extractor_args(p)
+    return p
+
+
+def main(argv=None) -> None:
+    from cbir.data import list_samples
+    from cbir.database import Database
+    from cbir.errors import CbirError
+    from cbir.evaluation import (LevelMaps, evaluate, plot_confusion_matrices, results_to_request,
+                                 write_excel_sheet)
+    from cbir.retrieval import search_function
+
+    args = parser().parse_args(argv)
+    queries = list_samples(args.path)
+    try:
+        maps = LevelMaps.from_files(args.projects_csv, args.similar)
+    except (OSError, ValueError) as exc:
+        raise CbirError(str(exc)) from None
+    with Database.open(args.db_name, home=args.home, redis_url=args.redis_url) as db:
+        extractor = build_extractor(args, db.extractor)
+        k_wanted = results_to_request(5, exclude_same=args.exclude_same)
+        search = search_function(extractor, db, k_wanted, nprobe=args.nprobe, batch_size=args.batch_size,
+                                 num_workers=args.num_workers)
+        try:
+            report = evaluate(
+                [q.path for q in queries], [q.class_name for q in queries], search, measure=args.measure, k=5,
+                seed=args.seed, repeats=args.repeats, maps=maps, max_queries=args.max_queries,
+                remove_classes=args.remove_classes.split(",") if args.remove_classes else None,
+                project_name=args.project_name, class_name=args.class_name, exclude_same=args.exclude_same,
+                batch_size=max(args.batch_size, 64), bootstrap=args.bootstrap,
+            )
+        except ValueError as exc:
+            raise CbirError(str(exc)) from None
+    print(report.format())
+    if args.measure == "separated" and report.per_class is not None:
+        sheet = args.name or args.db_name
+        write_excel_sheet(report.per_class, args.excel_path, sheet)
+        print(f"per-class rows: sheet '{sheet}' of {args.excel_path}")
+    if args.cms:
+        for figure in plot_confusion_matrices(report.per_query, args.cms):
+            print(f"confusion matrix: {figure}")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report.to_dict(), indent=2))
+        print(f"numbers: {args.output}")
+
+
+console_script = entry_point(main)

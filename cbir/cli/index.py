@@ -1,0 +1,36 @@
+"""cbir-index: embed every image under --path and add it to database --db_name (thesis: add_images.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+from cbir.cli.common import build_extractor, database_args, describe_extractor, entry_point, extractor_args
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cbir-index", description="Add the images of a folder to a database.")
+    p.add_argument("--path", required=True, help="a class-folder data set, a folder of images, or one image")
+    p.add_argument("--rewrite", action="store_true", help="empty this database (and only this one) first")
+    database_args(p)
+    extractor_args(p)
+    return p
+
+
+def main(argv=None) -> None:
+    from cbir.data import list_images
+    from cbir.database import Database
+    from cbir.indexing import index_images
+
+    args = parser().parse_args(argv)
+    samples = list_images(args.path)  # checked before anything is opened or emptied
+    with Database.open(args.db_name, home=args.home, redis_url=args.redis_url, create=True) as db:
+        extractor = build_extractor(args, None if args.rewrite else db.extractor)
+        info = describe_extractor(extractor, args.weights or (db.extractor or {}).get("weights"))
+        if args.rewrite:
+            db.clear()
+        db.set_extractor(info)
+        summary = index_images(extractor, db, samples, batch_size=args.batch_size, num_workers=args.num_workers)
+        print(summary.format(args.db_name, len(db)))
+
+
+console_script = entry_point(main)

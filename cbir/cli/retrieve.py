@@ -1,0 +1,56 @@
+"""cbir-retrieve: the most similar stored images of a query image, or of one random image per class of a folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cbir.cli.common import build_extractor, database_args, entry_point, extractor_args
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cbir-retrieve", description="Search a database with a query image.")
+    p.add_argument("--path", required=True, help="a query image, or a folder of class folders (one query per class)")
+    p.add_argument("--nrt_neigh", type=int, default=10, help="number of neighbours (default: 10)")
+    p.add_argument("--results_dir", default="results", help="where the neighbours and the figure go")
+    p.add_argument("--nprobe", type=int, default=None, help="inverted lists searched (approximate index only)")
+    p.add_argument("--seed", type=int, default=0, help="picks the query of each class in the folder form")
+    database_args(p)
+    extractor_args(p)
+    return p
+
+
+def main(argv=None) -> None:
+    from cbir.data import list_images
+    from cbir.database import Database
+    from cbir.errors import CbirError
+    from cbir.retrieval import one_query_per_class, safe_name, save_retrieval, search_samples
+
+    args = parser().parse_args(argv)
+    if args.nrt_neigh < 1:
+        raise CbirError(f"--nrt_neigh must be at least 1, got {args.nrt_neigh}")
+    path = Path(args.path)
+    if not path.exists():
+        raise CbirError(f"query {path} does not exist")
+    single = path.is_file()
+    queries = list_images(path) if single else one_query_per_class(list_images(path), args.seed)
+    with Database.open(args.db_name, home=args.home, redis_url=args.redis_url) as db:
+        extractor = build_extractor(args, db.extractor)
+        retrievals, unreadable = search_samples(extractor, db, queries, args.nrt_neigh, nprobe=args.nprobe,
+                                                batch_size=args.batch_size, num_workers=args.num_workers)
+    if single and unreadable:
+        raise CbirError(f"query {path} is not a readable image")
+    results_dir = Path(args.results_dir)
+    for retrieval in retrievals:
+        out_dir = results_dir if single else results_dir / safe_name(retrieval.query.class_name)
+        figure = save_retrieval(retrieval, out_dir)
+        print(f"query {retrieval.query.path} ({retrieval.query.class_name}):")
+        for n in retrieval.neighbours:
+            mark = "+" if n.class_name == retrieval.query.class_name else " "
+            print(f"  {mark}{n.rank:>3}  {n.distance:.4f}  {n.class_name:<24} {n.path}")
+        print(f"  figure: {figure}")
+    for sample in unreadable:
+        print(f"skipped unreadable query {sample.path}")
+
+
+console_script = entry_point(main)

@@ -1,0 +1,205 @@
+"""Image folders → samples; one image loader; one transform builder; the class-balanced sampler.
+
+A data set is ``root/<class>/<image>``. Every image, whatever its format or mode (RGBA, palette, grayscale,
+16-bit TIFF), is loaded as 8-bit RGB by :func:`load_image`. A file that cannot be decoded is never fatal: the
+datasets return ``None`` for it and :func:`collate_skipping` drops it, so long runs skip and report.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from cbir.errors import CbirError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".ppm", ".pgm"}
+
+# A truncated JPEG is an unreadable file, not a half-grey image: let PIL raise on it.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class UnreadableImage(CbirError):
+    """An image file that exists but cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    class_name: str
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_samples(root: str | Path, classes: list[str] | None = None) -> list[Sample]:
+    """Every image of a class-folder data set, sorted, as (path, class) samples.
+
+    ``classes`` keeps only those class folders (used by the generalisation splits).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise CbirError(f"data folder {root} does not exist")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if classes is not None:
+        wanted = set(classes)
+        class_dirs = [d for d in class_dirs if d.name in wanted]
+    samples = [
+        Sample(str(path), class_dir.name)
+        for class_dir in class_dirs
+        for path in sorted(class_dir.rglob("*"))
+        if is_image_file(path)
+    ]
+    if not samples:
+        raise CbirError(f"no images found under {root}: expected one sub-folder per class holding image files")
+    return samples
+
+
+def list_images(path: str | Path) -> list[Sample]:
+    """Samples from a single image, a class-folder data set, or a flat folder of images (class = folder name)."""
+    path = Path(path)
+    if path.is_file():
+        return [Sample(str(path), path.parent.name)]
+    if not path.is_dir():
+        raise CbirError(f"{path} does not exist")
+    if any(d.is_dir() for d in path.iterdir()):
+        return list_samples(path)
+    samples = [Sample(str(p), path.name) for p in sorted(path.iterdir()) if is_image_file(p)]
+    if not samples:
+        raise CbirError(f"no images found in {path}")
+    return samples
+
+
+def _to_8bit_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float images: stretch the actual range to 0–255; a plain convert("L") would clip them white.
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        array = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+        image = Image.fromarray(array.astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        # Transparent areas become white, as a slide background, not black.
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").split()[-1])
+        return background
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Any image file as 8-bit RGB; :class:`UnreadableImage` (one line) when it cannot be decoded."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _to_8bit_rgb(image)
+    except FileNotFoundError:
+        raise UnreadableImage(f"{path}: no such file") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise UnreadableImage(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from None
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_transform(input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, *, train: bool = False):
+    """The one preprocessing pipeline: the extractor's own size and normalisation, plus augmentation in training.
+
+    Autoencoders pass ``mean=(0,0,0), std=(1,1,1)`` so inputs and targets stay in [0, 1].
+    """
+    normalise = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    if train:
+        return transforms.Compose([
+            transforms.RandomResizedCrop(input_size, scale=(0.7, 1.0)),
+            transforms.RandomHorizontalFlip(),
+            transforms.RandomVerticalFlip(),
+            transforms.ColorJitter(saturation=0.2, hue=0.1),
+            *normalise,
+        ])
+    return transforms.Compose([transforms.Resize((input_size, input_size)), *normalise])
+
+
+class ImageDataset(Dataset):
+    """(tensor, label, index) per sample; ``None`` for an unreadable file, which the collate function drops."""
+
+    def __init__(self, samples: list[Sample], transform, class_to_idx: dict[str, int] | None = None):
+        self.samples = samples
+        self.transform = transform
+        self.class_to_idx = class_to_idx or {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        try:
+            image = load_image(sample.path)
+        except UnreadableImage as exc:
+            log.warning("skipping %s", exc)
+            return None
+        return self.transform(image), self.class_to_idx.get(sample.class_name, -1), index
+
+
+def collate_skipping(batch):
+    """Stack the readable samples of a batch; report the indices of the others as a list."""
+    kept = [item for item in batch if item is not None]
+    if not kept:
+        return None
+    images, labels, indices = zip(*kept)
+    return torch.stack(images), torch.tensor(labels), torch.tensor(indices)
+
+
+class ClassBalancedBatches(torch.utils.data.Sampler):
+    """Batches of ``batch_size // per_class`` classes with ``per_class`` images each, for metric learning.
+
+    PML's MPerClassSampler does the same from numpy's global random state; this one draws from a generator seeded
+    by (seed, epoch), so a resumed run sees exactly the batches an unbroken one would.
+    """
+
+    def __init__(self, labels: list[int], batch_size: int, per_class: int, seed: int = 0):
+        classes = sorted(set(labels))
+        if len(classes) < 2:
+            raise CbirError("metric learning needs at least two classes in the training data")
+        if batch_size < 2 * per_class or batch_size % per_class:
+            raise CbirError(f"--batch_size {batch_size} must be a multiple of the images per class ({per_class}) "
+                            f"and hold at least two classes (>= {2 * per_class})")
+        self.by_class = {c: [i for i, label in enumerate(labels) if label == c] for c in classes}
+        small = [c for c, members in self.by_class.items() if len(members) < 2]
+        if small:
+            raise CbirError(f"{len(small)} class(es) hold a single image; metric learning needs at least two per class")
+        self.classes_per_batch = min(batch_size // per_class, len(classes))
+        self.per_class = per_class
+        self.num_batches = max(1, len(labels) // (self.classes_per_batch * per_class))
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        classes = list(self.by_class)
+        for _ in range(self.num_batches):
+            batch = []
+            for c in torch.randperm(len(classes), generator=generator)[: self.classes_per_batch].tolist():
+                members = self.by_class[classes[c]]
+                # With replacement only when a class is smaller than per_class.
+                if len(members) >= self.per_class:
+                    picks = torch.randperm(len(members), generator=generator)[: self.per_class]
+                else:
+                    picks = torch.randint(len(members), (self.per_class,), generator=generator)
+                batch.extend(members[i] for i in picks.tolist())
+            yield batch

@@ -1,0 +1,700 @@
+"""``Database``: the Redis store (the truth) and the FAISS index (derived from it), kept consistent.
+
+Consistency rules:
+
+* Every write goes to Redis first, in one atomic script per chunk, and only then to the in-memory FAISS
+  index. A crash between the two leaves Redis ahead; the FAISS side catches up from the change log (or, when
+  the log no longer reaches back, from a comparison of all ids) the next time anything needs it.
+* The FAISS file records which database generation (``uid``) and which change (``version``) it reflects. It is
+  written atomically on ``close`` and after ``train_index``; a stale, missing or broken file is repaired on use.
+* Before each search, the version in Redis is compared with the one the in-memory index reflects (one round
+  trip); changes made by other processes are applied, so a search while another process indexes works.
+* Ids are never reused: replacing a path gives it a new id. So an id's path and class never change and the
+  id -> (path, class) cache of searches never goes stale.
+
+A ``Database`` object is meant for one thread; open one per process (or thread).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+import shutil
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from . import store as store_module
+from .errors import DatabaseError
+from .index import EXACT, VectorIndex, file_lock
+from .server import CONNECTION_ERRORS, EmbeddedServer, connect_url, redact_url
+from .store import CHUNK, RedisStore, Snapshot, decode, encode
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
+INDEX_FILE = "faiss.index"
+MIN_POINTS_PER_LIST = 39  # FAISS warns below 39 training points per centroid
+_CACHE_LIMIT = 500_000
+_REDIS_FILES = ("redis.db", "appendonly.aof")
+
+
+def default_home() -> Path:
+    """Where databases live: ``$CBIR_HOME``, else ``./cbir_data``."""
+    return Path(os.environ.get("CBIR_HOME") or "cbir_data").expanduser().absolute()
+
+
+def _resolve_home(home) -> Path:
+    return Path(home).expanduser().absolute() if home is not None else default_home()
+
+
+def _resolve_url(redis_url: str | None) -> str | None:
+    return redis_url or os.environ.get("CBIR_REDIS_URL") or None
+
+
+def _check_name(name) -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in (".", "..") or len(name) > 200:
+        raise DatabaseError(
+            f"invalid database name {name!r}: use letters, digits, '_', '.' and '-' only (it becomes a folder name)"
+        )
+    return name
+
+
+def _embedded_exists(folder: Path) -> bool:
+    return any((folder / f).exists() for f in _REDIS_FILES)
+
+
+def _embedded_names(home: Path) -> list[str]:
+    if not home.is_dir():
+        return []
+    return sorted(
+        d.name for d in home.iterdir() if d.is_dir() and NAME_PATTERN.fullmatch(d.name) and _embedded_exists(d)
+    )
+
+
+def list_databases(*, home=None, redis_url: str | None = None) -> list[str]:
+    """Names of the databases: on the Redis server of ``redis_url`` (or ``$CBIR_REDIS_URL``), else the
+    embedded ones in ``home``."""
+    url = _resolve_url(redis_url)
+    if url is None:
+        return _embedded_names(_resolve_home(home))
+    client = connect_url(url)
+    try:
+        return sorted(decode(n) for n in client.smembers(store_module.DATABASES_KEY))
+    except CONNECTION_ERRORS as error:
+        raise DatabaseError(f"lost the connection to Redis at {redact_url(url)}: {error}") from None
+    finally:
+        client.close()
+
+
+def _fingerprint(info: dict | None) -> str:
+    return str((info or {}).get("fingerprint", ""))
+
+
+def _describe_extractor(info: dict) -> str:
+    fingerprint = _fingerprint(info)
+    return f"{info.get('name', '?')} (fingerprint {fingerprint[:12]})"
+
+
+def _check_extractor_info(info) -> dict:
+    if not isinstance(info, dict):
+        raise DatabaseError(f"extractor info must be a dict, got {type(info).__name__}")
+    missing = [key for key in ("name", "num_features", "fingerprint") if key not in info]
+    if missing:
+        raise DatabaseError(f"extractor info lacks {', '.join(missing)}")
+    try:
+        json.dumps(info)
+    except (TypeError, ValueError) as error:
+        raise DatabaseError(f"extractor info must be JSON-able: {error}") from None
+    return info
+
+
+def _redis_errors(method):
+    """Turn Redis failures met inside a method into one-line ``DatabaseError``s."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except CONNECTION_ERRORS as error:
+            raise DatabaseError(
+                f"lost the connection to {self._where}: {str(error).strip() or type(error).__name__}; "
+                "what was written before is kept"
+            ) from None
+        except redis.exceptions.ResponseError as error:
+            text = str(error)
+            if text.startswith("CBIRGONE"):
+                raise DatabaseError(
+                    f"database '{self.name}' was emptied or dropped by another command meanwhile; open it again"
+                ) from None
+            if text.startswith("CBIRDIM"):
+                raise DatabaseError(
+                    f"database '{self.name}' holds vectors of {text.split()[1]} values; these have a different "
+                    "size; use the extractor it was built with, --rewrite, or another --db_name"
+                ) from None
+            raise DatabaseError(f"Redis at {self._where} refused a command: {text}") from None
+
+    return wrapper
+
+
+@dataclass
+class SearchResult:
+    """Neighbours of each query, nearest first.
+
+    ``distances`` (n, k') float32 are squared L2 distances as FAISS returns them (on unit vectors 2 - 2 cos);
+    ``ids`` (n, k') int64. ``k' = min(k, images stored)``; an approximate index that finds fewer than k' for a
+    query leaves id -1 (distance inf) in those places. ``paths`` and ``classes`` hold one list per query with
+    the found neighbours only (no -1).
+    """
+
+    distances: np.ndarray
+    ids: np.ndarray
+    paths: list[list[str]]
+    classes: list[list[str]]
+
+
+class Database:
+    """A named image database: Redis (ids, paths, classes, vectors, extractor) + FAISS (the search index)."""
+
+    def __init__(self, name: str, folder: Path, client: redis.Redis, server: EmbeddedServer | None, where: str):
+        self.name = name
+        self.folder = folder
+        self.index_path = folder / INDEX_FILE
+        self._client = client
+        self._server = server
+        self._where = where
+        self._store = RedisStore(client, name)
+        self._index: VectorIndex | None = None
+        self._loaded = False  # the FAISS side has been read or built
+        self._uid: str | None = None
+        self._factory = EXACT  # the index type Redis asks for
+        self._version = 0  # the last change of the log the in-memory index reflects
+        self._nprobe = 0
+        self._dirty = False
+        self._cache: dict[int, tuple[str, str]] = {}
+        self._closed = False
+        # A Database never closed still lets go of Redis when collected or at exit (its FAISS changes are then
+        # not saved; they are rebuilt from Redis, which has them).
+        self._release = weakref.finalize(self, server.release if server is not None else client.close)
+
+    # --- opening -------------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, name: str, *, home=None, redis_url: str | None = None, create: bool = False) -> "Database":
+        """Open database ``name``; ``create=True`` makes it when missing.
+
+        Without ``redis_url`` (nor ``$CBIR_REDIS_URL``), an embedded Redis keeps the data in
+        ``<home>/<name>/``, started on first use and shared by every process that opens the database.
+        The FAISS index file is in ``<home>/<name>/`` in every case.
+        """
+        _check_name(name)
+        home = _resolve_home(home)
+        folder = home / name
+        url = _resolve_url(redis_url)
+        if url is not None:
+            client = connect_url(url)
+            where = f"Redis at {redact_url(url)}"
+            try:
+                store = RedisStore(client, name)
+                if not store.exists():
+                    if not create:
+                        raise _unknown(name, store.known_databases())
+                    store.create()
+            except CONNECTION_ERRORS as error:
+                client.close()
+                raise DatabaseError(f"lost the connection to {where}: {error}") from None
+            except DatabaseError:
+                client.close()
+                raise
+            return cls(name, folder, client, None, where)
+
+        if not _embedded_exists(folder) and not create:
+            raise _unknown(name, _embedded_names(home))
+        server = EmbeddedServer(folder, name)
+        client = server.connect()
+        try:
+            store = RedisStore(client, name)
+            if not store.exists():
+                store.create()
+        except (DatabaseError, *CONNECTION_ERRORS) as error:
+            server.release()
+            if isinstance(error, DatabaseError):
+                raise
+            raise DatabaseError(f"lost the connection to the embedded Redis of '{name}': {error}") from None
+        return cls(name, folder, client, server, server.describe())
+
+    def __enter__(self) -> "Database":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Database({self.name!r}, {self._where})"
+
+    # --- metadata ------------------------------------------------------------------------------------------
+    @property
+    @_redis_errors
+    def extractor(self) -> dict | None:
+        """The extractor info stored with the database; None while it has none."""
+        return self._store.extractor()
+
+    @property
+    @_redis_errors
+    def dim(self) -> int | None:
+        """Values per vector; None while the database is empty and has never held vectors."""
+        return self._store.snapshot().dim
+
+    @_redis_errors
+    def __len__(self) -> int:
+        return self._store.count()
+
+    @_redis_errors
+    def set_extractor(self, info: dict) -> None:
+        """Record the extractor the vectors come from; refuse one that differs from the recorded one."""
+        info = _check_extractor_info(info)
+        self._check_dim_of(info, adding=True)
+        recorded = json.loads(self._store.set_extractor_if_absent(json.dumps(info, sort_keys=True)))
+        if _fingerprint(recorded) != _fingerprint(info):
+            raise DatabaseError(
+                f"database '{self.name}' was built with extractor {_describe_extractor(recorded)}; these vectors "
+                f"come from {_describe_extractor(info)}; use --rewrite to rebuild it or another --db_name"
+            )
+
+    @_redis_errors
+    def check_extractor(self, info: dict) -> None:
+        """Refuse queries from an extractor other than the one the database was built with."""
+        info = _check_extractor_info(info)
+        self._check_dim_of(info, adding=False)
+        recorded = self._store.extractor()
+        if recorded is not None and _fingerprint(recorded) != _fingerprint(info):
+            raise DatabaseError(
+                f"database '{self.name}' was built with extractor {_describe_extractor(recorded)}; these queries "
+                f"come from {_describe_extractor(info)}; query it with the extractor it was built with "
+                "(its --weights) or rebuild it with --rewrite"
+            )
+
+    def _check_dim_of(self, info: dict, *, adding: bool) -> None:
+        dim = self._store.snapshot().dim
+        try:
+            wanted = int(info["num_features"])
+        except (TypeError, ValueError):
+            raise DatabaseError(f"extractor num_features must be an integer, got {info['num_features']!r}") from None
+        if dim is not None and wanted != dim:
+            what = "these vectors have" if adding else "the queries have"
+            raise DatabaseError(
+                f"database '{self.name}' holds vectors of {dim} values; {what} {wanted} "
+                f"(extractor {info.get('name', '?')}); use --rewrite to rebuild it or another --db_name"
+            )
+
+    # --- keeping FAISS in step with Redis ------------------------------------------------------------------
+    def _sync(self) -> Snapshot:
+        """Bring the in-memory index up to date with Redis (load, repair or catch up); one round trip when
+        nothing changed."""
+        self._check_open()
+        snap = self._store.snapshot()
+        if snap.uid is None:
+            raise DatabaseError(f"database '{self.name}' was dropped by another command")
+        if not self._loaded or snap.uid != self._uid or snap.factory != self._factory:
+            self._load(snap)
+        if snap.version != self._version:
+            self._catch_up()
+        self._nprobe = snap.nprobe
+        return snap
+
+    def _load(self, snap: Snapshot) -> None:
+        """Take the index file when it belongs to this database generation and index type, else rebuild."""
+        if snap.uid != self._uid:
+            self._cache.clear()
+        self._uid, self._factory = snap.uid, snap.factory
+        loaded = VectorIndex.load(self.index_path) if self.index_path.exists() else None
+        if loaded is not None:
+            index, state = loaded
+            if (
+                state.get("uid") == snap.uid
+                and index.factory == snap.factory
+                and index.dim == snap.dim
+                and int(state.get("version", -1)) <= snap.version
+            ):
+                self._index, self._version, self._dirty, self._loaded = index, int(state["version"]), False, True
+                return
+        # No usable file: build from the vectors in Redis.
+        self._loaded = True
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Build the index Redis asks for from every stored vector (training it when it needs it)."""
+        version, ids = self._store.all_ids()
+        dim = self._store.snapshot().dim
+        self._version = version
+        self._dirty = True
+        if dim is None:
+            self._index = None
+            return
+        index = VectorIndex.build(dim, self._factory)
+        found, vectors = self._store.fetch_vectors(ids, dim)
+        if not index.is_trained:
+            if len(vectors) < max(2, index.nlist or 2):
+                # Too few vectors left to train the stored type: search exactly until it is trained again.
+                index = VectorIndex.build(dim, EXACT)
+            else:
+                index.train(vectors)
+        index.add(found, vectors)
+        self._index = index
+
+    def _catch_up(self) -> None:
+        entries = self._store.log_since(self._version)
+        if entries is None or not entries:
+            self._reconcile()
+            return
+        added = np.concatenate([e.added for e in entries])
+        deleted = np.concatenate([e.deleted for e in entries])
+        self._apply(added, deleted)
+        self._version = entries[-1].version
+
+    def _reconcile(self) -> None:
+        """Compare every id of Redis with every id of FAISS and fix the difference."""
+        version, redis_ids = self._store.all_ids()
+        faiss_ids = self._index.ids() if self._index is not None else np.empty(0, dtype=np.int64)
+        missing = np.setdiff1d(redis_ids, faiss_ids, assume_unique=True)
+        extra = np.setdiff1d(faiss_ids, redis_ids)
+        self._remove_from_index(extra)
+        self._add_from_redis(missing)
+        self._version = version
+
+    def _apply(self, added: np.ndarray, deleted: np.ndarray) -> None:
+        """Apply logged changes; entries this index already reflects are harmless (ids are never reused)."""
+        added = np.setdiff1d(added, deleted)
+        present = self._index.ids() if self._index is not None else np.empty(0, dtype=np.int64)
+        self._remove_from_index(np.intersect1d(deleted, present))
+        self._add_from_redis(np.setdiff1d(added, present))
+
+    def _add_from_redis(self, ids: np.ndarray) -> None:
+        if not len(ids):
+            return
+        dim = self._store.snapshot().dim
+        if dim is None:
+            return
+        if self._index is None:
+            self._index = VectorIndex.build(dim, self._factory)
+            if not self._index.is_trained:
+                self._rebuild()
+                return
+        found, vectors = self._store.fetch_vectors(ids, dim)
+        self._index.add(found, vectors)
+        self._dirty = True
+
+    def _remove_from_index(self, ids: np.ndarray) -> None:
+        if self._index is None or not len(ids):
+            return
+        if not self._index.remove(ids):
+            self._rebuild()  # an index that cannot remove (HNSW) is rebuilt from Redis
+        self._dirty = True
+
+    # --- writing -------------------------------------------------------------------------------------------
+    @_redis_errors
+    def add(self, paths: list[str], classes: list[str], vectors: np.ndarray) -> list[int]:
+        """Store images with their classes and vectors; a path already stored is replaced. Returns the ids."""
+        paths = [str(p) for p in paths]
+        classes = [str(c) for c in classes]
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2:
+            raise DatabaseError(f"vectors must be a 2-D array (images x values), got shape {vectors.shape}")
+        if not (len(paths) == len(classes) == len(vectors)):
+            raise DatabaseError(
+                f"add needs as many paths, classes and vectors: got {len(paths)}, {len(classes)}, {len(vectors)}"
+            )
+        if not len(paths):
+            return []
+        if not np.isfinite(vectors).all():
+            raise DatabaseError("vectors contain NaN or infinite values; the extractor output is broken")
+        snap = self._sync()
+        dim = vectors.shape[1]
+        if snap.dim is not None and snap.dim != dim:
+            raise DatabaseError(
+                f"database '{self.name}' holds vectors of {snap.dim} values; these have {dim}; "
+                "use the extractor it was built with, --rewrite, or another --db_name"
+            )
+        # A path given twice: the last one wins.
+        last = {path: i for i, path in enumerate(paths)}
+        keep = np.array(sorted(last.values()), dtype=np.int64)
+        ids = self._store.allocate_ids(len(keep))
+        id_of_path = {paths[i]: int(image_id) for i, image_id in zip(keep.tolist(), ids.tolist())}
+        vectors = np.ascontiguousarray(vectors[keep])
+        enc_paths = [encode(paths[i]) for i in keep.tolist()]
+        enc_classes = [encode(classes[i]) for i in keep.tolist()]
+        for start in range(0, len(keep), CHUNK):
+            part = slice(start, start + CHUNK)
+            version, replaced = self._store.add_chunk(
+                self._uid, ids[part], enc_paths[part], enc_classes[part], vectors[part]
+            )
+            self._after_write(version, added=(ids[part], vectors[part]), removed=replaced)
+        return [id_of_path[p] for p in paths]
+
+    def _after_write(self, version: int, *, added=None, removed=None) -> None:
+        """Mirror our own write in FAISS; writes of other processes in between are caught up by the log."""
+        if removed is not None and len(removed):
+            self._remove_from_index(removed)
+        if added is not None and len(added[0]):
+            ids, vectors = added
+            if self._index is None:
+                self._index = VectorIndex.build(vectors.shape[1], self._factory)
+                if not self._index.is_trained:
+                    self._rebuild()  # includes what was just written
+                    self._dirty = True
+                    return
+            self._index.add(ids, vectors)
+            self._dirty = True
+        if version == self._version + 1:
+            self._version = version
+
+    @_redis_errors
+    def has_paths(self, paths) -> list[bool]:
+        """Whether each path is stored (one round trip)."""
+        return [image_id is not None for image_id in self._store.ids_of_paths([encode(str(p)) for p in paths])]
+
+    @_redis_errors
+    def remove(self, paths: list[str]) -> int:
+        """Remove images by path; a folder removes every stored path under it. Returns how many were removed.
+
+        A path matches as given and in its absolute form.
+        """
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        self._sync()
+        forms: list[bytes] = []
+        for path in paths:
+            path = os.fspath(path)
+            forms += [encode(path.rstrip("/") or "/"), encode(os.path.abspath(path))]
+        forms = list(dict.fromkeys(forms))
+        targets = {form for form, i in zip(forms, self._store.ids_of_paths(forms)) if i is not None}
+        for form in forms:
+            targets.update(self._store.paths_under(form if form.endswith(b"/") else form + b"/"))
+        removed_total = 0
+        ordered = sorted(targets)
+        for start in range(0, len(ordered), CHUNK):
+            version, removed = self._store.remove_paths(self._uid, ordered[start : start + CHUNK])
+            if len(removed):
+                removed_total += len(removed)
+                self._after_write(version, removed=removed)
+        return removed_total
+
+    # --- reading -------------------------------------------------------------------------------------------
+    @_redis_errors
+    def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None) -> SearchResult:
+        """The k nearest stored images of each query (see ``SearchResult``)."""
+        queries = np.asarray(queries, dtype=np.float32)
+        if queries.ndim == 1:
+            queries = queries[None, :]
+        if queries.ndim != 2:
+            raise DatabaseError(f"queries must be a 2-D array (queries x values), got shape {queries.shape}")
+        if int(k) < 1:
+            raise DatabaseError(f"k must be at least 1, got {k}")
+        if nprobe is not None and int(nprobe) < 1:
+            raise DatabaseError(f"nprobe must be at least 1, got {nprobe}")
+        snap = self._sync()
+        n = len(queries)
+        if snap.dim is not None and queries.shape[1] != snap.dim:
+            raise DatabaseError(
+                f"database '{self.name}' holds vectors of {snap.dim} values; the queries have {queries.shape[1]}; "
+                "query it with the extractor it was built with"
+            )
+        if self._index is None or self._index.ntotal == 0 or n == 0:
+            return SearchResult(
+                np.empty((n, 0), np.float32), np.empty((n, 0), np.int64), [[] for _ in range(n)], [[] for _ in range(n)]
+            )
+        k_found = min(int(k), self._index.ntotal)
+        distances, ids = self._index.search(queries, k_found, nprobe or self._nprobe or None)
+        names = self._names_of(ids)
+        gone = [i for i, v in names.items() if v is None]
+        if gone:  # removed by another process since our sync
+            mask = np.isin(ids, gone)
+            ids = np.where(mask, -1, ids)
+            distances = np.where(mask, np.inf, distances).astype(np.float32)
+        rows = ids.tolist()
+        paths = [[names[i][0] for i in row if i >= 0] for row in rows]
+        classes = [[names[i][1] for i in row if i >= 0] for row in rows]
+        return SearchResult(distances, ids, paths, classes)
+
+    def _names_of(self, ids: np.ndarray) -> dict[int, tuple[str, str] | None]:
+        wanted = np.unique(ids[ids >= 0]).tolist()
+        unknown = [i for i in wanted if i not in self._cache]
+        if unknown:
+            if len(self._cache) + len(unknown) > _CACHE_LIMIT:
+                self._cache.clear()
+            for image_id, value in zip(unknown, self._store.lookup(unknown)):
+                if value is not None:
+                    self._cache[image_id] = value
+        return {i: self._cache.get(i) for i in wanted}
+
+    @_redis_errors
+    def vectors(self, ids=None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of the given ids, or of every image sorted by id; read from Redis."""
+        self._check_open()
+        dim = self._store.snapshot().dim
+        if ids is None:
+            _, ids = self._store.all_ids()
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if dim is None:
+            if len(ids):
+                raise DatabaseError(f"database '{self.name}' is empty: none of the {len(ids)} ids is stored")
+            return ids, np.empty((0, 0), dtype=np.float32)
+        found, vectors = self._store.fetch_vectors(ids, dim)
+        if len(found) != len(ids):
+            raise DatabaseError(
+                f"{len(ids) - len(found)} of the {len(ids)} ids asked for are not in database '{self.name}'"
+            )
+        return found, vectors
+
+    @_redis_errors
+    def items(self) -> list[tuple[int, str, str]]:
+        """Every image as (id, path, class), sorted by id."""
+        self._check_open()
+        return self._store.items()
+
+    # --- index type ----------------------------------------------------------------------------------------
+    @_redis_errors
+    def train_index(self, nlist: int | None = None, factory: str | None = None) -> str:
+        """Turn the exact index into an approximate one and say what was done (one sentence).
+
+        Default: an inverted file ``IVF<nlist>,Flat`` with nlist about sqrt(N), at least 39 training vectors per
+        list; or any FAISS factory string (``"IVF1024,PQ32"``, ``"HNSW32"``, ``"Flat"`` back to exact). A
+        database too small for an inverted file stays exact and the sentence says so.
+        """
+        snap = self._sync()
+        count = len(self)
+        if snap.dim is None or count == 0:
+            return f"database '{self.name}' is empty: nothing to train; it stays exact ({EXACT})"
+        note = ""
+        if factory is None or factory.strip() == "":
+            most = count // MIN_POINTS_PER_LIST
+            wanted = int(nlist) if nlist is not None else int(round(math.sqrt(count)))
+            if wanted < 1:
+                raise DatabaseError(f"nlist must be at least 1, got {nlist}")
+            lists = min(wanted, most)
+            if lists < 2:
+                return (
+                    f"database '{self.name}' holds {count} vectors: too few for an inverted file (it needs at least "
+                    f"{2 * MIN_POINTS_PER_LIST}); it stays exact ({EXACT})"
+                )
+            if nlist is not None and lists < wanted:
+                note = f" (nlist {wanted} lowered to {lists}: FAISS wants {MIN_POINTS_PER_LIST} vectors per list)"
+            factory = f"IVF{lists},Flat"
+        factory = factory.strip()
+        version, ids = self._store.all_ids()
+        index = VectorIndex.build(snap.dim, factory)
+        found, vectors = self._store.fetch_vectors(ids, snap.dim)
+        if not index.is_trained:
+            index.train(vectors)
+        index.add(found, vectors)
+        lists = index.nlist
+        nprobe = min(lists, max(8, lists // 16)) if lists else 0
+        self._store.set_index(self._uid, factory, nprobe)
+        self._index, self._factory, self._version, self._dirty = index, factory, version, True
+        self._sync()  # changes made by others while we trained, and our own index change
+        self._save()
+        if lists:
+            return (
+                f"database '{self.name}': {factory} index trained on {len(found)} vectors{note}; "
+                f"searches probe {nprobe} of {lists} lists unless --nprobe says otherwise"
+            )
+        return f"database '{self.name}': {factory} index built on {len(found)} vectors"
+
+    # --- emptying ------------------------------------------------------------------------------------------
+    @_redis_errors
+    def clear(self) -> None:
+        """Delete this database's contents (its keys only, and its index file); it stays, empty."""
+        self._check_open()
+        self._store.clear()
+        self._store.create()
+        self.index_path.unlink(missing_ok=True)
+        self._reset()
+
+    @_redis_errors
+    def drop(self) -> None:
+        """Delete this database entirely: its keys, its index file, its folder (and its embedded server)."""
+        self._check_open()
+        if self._server is not None:
+            self._server.stop_for_drop()  # refuses while other commands use it
+            self._closed = True
+            self._release.detach()
+            shutil.rmtree(self.folder, ignore_errors=True)
+            return
+        self._store.clear()
+        self._store.forget()
+        self.index_path.unlink(missing_ok=True)
+        if self.folder.is_dir():
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self._reset()
+        self._closed = True
+        self._release()
+
+    def _reset(self) -> None:
+        self._index, self._loaded, self._uid, self._version = None, False, None, 0
+        self._factory, self._dirty = EXACT, False
+        self._cache.clear()
+
+    # --- information ---------------------------------------------------------------------------------------
+    @_redis_errors
+    def info(self) -> dict:
+        """What the database holds and where: counts in Redis and in FAISS, extractor, index, size on disk."""
+        snap = self._sync()
+        files = [p for p in self.folder.rglob("*") if p.is_file()] if self.folder.is_dir() else []
+        return {
+            "name": self.name,
+            "redis": self._where,
+            "folder": str(self.folder),
+            "images": len(self),
+            "faiss_vectors": self._index.ntotal if self._index is not None else 0,
+            "extractor": self._store.extractor(),
+            "dim": snap.dim,
+            "index": self._index.factory if self._index is not None else snap.factory,
+            "nprobe": snap.nprobe or None,
+            "bytes_on_disk": sum(p.stat().st_size for p in files),
+            "redis_memory_bytes": self._store.memory_bytes(),
+            "created": self._store.meta().get("created"),
+        }
+
+    # --- closing -------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        """Write the FAISS index to disk now (``close`` does it too), unless a newer one is there already."""
+        self._check_open()
+        self._save()
+
+    def _save(self) -> None:
+        if not self._dirty or self._index is None or self._uid is None:
+            return
+        with file_lock(self.folder / "faiss.lock"):
+            on_disk = VectorIndex.read_state(self.index_path)
+            if not (
+                on_disk
+                and on_disk.get("uid") == self._uid
+                and on_disk.get("factory") == self._index.factory
+                and int(on_disk.get("version", -1)) > self._version
+            ):
+                self._index.save(self.index_path, {"uid": self._uid, "version": self._version, "database": self.name})
+        self._dirty = False
+
+    def close(self) -> None:
+        """Save the FAISS index if it changed and let go of Redis (the embedded server stops with its last user)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._save()
+        finally:
+            self._release()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DatabaseError(f"database '{self.name}' is closed")
+
+
+def _unknown(name: str, known: list[str]) -> DatabaseError:
+    return DatabaseError(
+        f"database '{name}' does not exist (known: {', '.join(known) if known else 'none'}); "
+        "index images into it first with cbir-index"
+    )

@@ -1,0 +1,189 @@
+"""The FAISS side of a database: a search structure derived from the vectors kept in Redis.
+
+An index is described by a FAISS factory string, as FAISS does: ``"Flat"`` (exact), ``"IVF1024,Flat"``,
+``"IVF4096,PQ32"``, ``"HNSW32"``... Inverted-file indexes hold our ids themselves; every other kind is
+wrapped in ``IndexIDMap2`` so it does too. Ids are never positions.
+
+The index file holds a small JSON header (which database generation and which change of the log the index
+reflects) followed by the FAISS index, and is replaced atomically (temporary file, fsync, ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import struct
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .errors import DatabaseError
+
+MAGIC = b"CBIRFAISS1\n"
+EXACT = "Flat"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    # FAISS errors read "Error in <signature> at <file>:<line>: <message>"
+    return lines[0].rsplit(": ", 1)[-1] if lines[0].startswith("Error in") else lines[0]
+
+
+def _uses_native_ids(factory: str) -> bool:
+    return "IVF" in factory.upper()
+
+
+class VectorIndex:
+    """One FAISS index and the factory string it was built from."""
+
+    def __init__(self, index: faiss.Index, factory: str):
+        self.index = index
+        self.factory = factory
+
+    # --- construction --------------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, dim: int, factory: str = EXACT) -> "VectorIndex":
+        spec = factory if _uses_native_ids(factory) else f"IDMap2,{factory}"
+        try:
+            index = faiss.index_factory(int(dim), spec, faiss.METRIC_L2)
+        except RuntimeError as error:
+            raise DatabaseError(f"FAISS cannot build index '{factory}': {_first_line(error)}") from None
+        if _uses_native_ids(factory) and faiss.try_extract_index_ivf(index) is None:
+            raise DatabaseError(f"FAISS index '{factory}' is not an inverted file")
+        return cls(index, factory)
+
+    @staticmethod
+    def check_factory(dim: int, factory: str) -> None:
+        VectorIndex.build(dim, factory)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.index.is_trained)
+
+    @property
+    def nlist(self) -> int | None:
+        ivf = faiss.try_extract_index_ivf(self.index)
+        return int(ivf.nlist) if ivf is not None else None
+
+    def train(self, vectors: np.ndarray) -> None:
+        try:
+            self.index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+        except RuntimeError as error:
+            raise DatabaseError(
+                f"FAISS cannot train index '{self.factory}' on {len(vectors)} vectors: {_first_line(error)}"
+            ) from None
+
+    # --- contents ------------------------------------------------------------------------------------------
+    def ids(self) -> np.ndarray:
+        """Every id the index holds (any order)."""
+        if hasattr(self.index, "id_map"):
+            return faiss.vector_to_array(self.index.id_map).astype(np.int64, copy=False)
+        ivf = faiss.extract_index_ivf(self.index)
+        invlists = ivf.invlists
+        parts = []
+        for list_no in range(ivf.nlist):
+            size = invlists.list_size(list_no)
+            if size:
+                parts.append(faiss.rev_swig_ptr(invlists.get_ids(list_no), size).copy())
+        return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(ids):
+            self.index.add_with_ids(
+                np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
+            )
+
+    def remove(self, ids: np.ndarray) -> bool:
+        """Remove ids (absent ones are ignored); False when this kind of index cannot remove (HNSW)."""
+        if not len(ids):
+            return True
+        try:
+            self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
+        except RuntimeError:
+            return False
+        return True
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None and nprobe:
+            ivf.nprobe = max(1, min(int(nprobe), int(ivf.nlist)))
+        inner = faiss.downcast_index(self.index.index) if hasattr(self.index, "id_map") else None
+        if inner is not None and hasattr(inner, "hnsw"):
+            inner.hnsw.efSearch = max(int(inner.hnsw.efSearch), 2 * k, 64)
+        distances, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), int(k))
+        return distances, ids
+
+    # --- files ---------------------------------------------------------------------------------------------
+    def save(self, path: Path, state: dict) -> None:
+        """Write header + index to a temporary file, fsync it, and move it over ``path`` atomically."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = json.dumps({**state, "factory": self.factory, "ntotal": self.ntotal}).encode()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(MAGIC + struct.pack("<I", len(header)) + header)
+                faiss.write_index(self.index, faiss.PyCallbackIOWriter(handle.write))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        with contextlib.suppress(OSError):  # make the rename itself durable
+            directory = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+
+    @staticmethod
+    def read_state(path: Path) -> dict | None:
+        """The header of an index file; None when the file is missing or not ours."""
+        try:
+            with open(path, "rb") as handle:
+                return _read_header(handle)
+        except (OSError, ValueError):
+            return None
+
+    @classmethod
+    def load(cls, path: Path) -> tuple["VectorIndex", dict] | None:
+        """The saved index and its header; None when missing or unreadable (it is rebuilt from Redis then)."""
+        try:
+            with open(path, "rb") as handle:
+                state = _read_header(handle)
+                index = faiss.read_index(faiss.PyCallbackIOReader(handle.read))
+        except (OSError, ValueError, RuntimeError):
+            return None
+        return cls(index, state.get("factory", EXACT)), state
+
+
+def _read_header(handle) -> dict:
+    if handle.read(len(MAGIC)) != MAGIC:
+        raise ValueError("not a cbir index file")
+    (size,) = struct.unpack("<I", handle.read(4))
+    return json.loads(handle.read(size))
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock held while the index file is compared and replaced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

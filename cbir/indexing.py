@@ -1,0 +1,70 @@
+"""Embed images and add them to a database, batch by batch, so an interrupted run keeps what it stored."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from cbir.data import Sample
+from cbir.embedding import iter_embeddings
+
+
+@dataclass
+class IndexSummary:
+    added: int = 0
+    already_stored: int = 0
+    skipped: list[Sample] = field(default_factory=list)
+    seconds: float = 0.0
+    seconds_model: float = 0.0
+
+    def format(self, db_name: str, total_in_db: int) -> str:
+        lines = [f"indexed {self.added} images into '{db_name}' in {self.seconds:.1f} s "
+                 f"({self.added / max(self.seconds, 1e-9):.1f} images/s; model {self.seconds_model:.1f} s); "
+                 f"{total_in_db} images in the database"]
+        if self.already_stored:
+            lines.append(f"{self.already_stored} images were already stored and kept as they are")
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} unreadable files:")
+            lines += [f"  {s.path}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def index_images(extractor, database, samples: list[Sample], *, batch_size: int = 32, num_workers: int | None = None,
+                 device=None, progress: bool = True, chunk: int = 512) -> IndexSummary:
+    """Add ``samples`` not yet in ``database``; re-running after an interruption adds only what is missing."""
+    start = time.perf_counter()
+    summary = IndexSummary()
+    present = database.has_paths([s.path for s in samples])
+    todo = [s for s, stored in zip(samples, present) if not stored]
+    summary.already_stored = len(samples) - len(todo)
+    bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress)
+    stored: set[Sample] = set()
+    pending_samples, pending_vectors = [], []
+
+    def flush():
+        if pending_samples:
+            import numpy as np
+
+            database.add([s.path for s in pending_samples], [s.class_name for s in pending_samples],
+                         np.concatenate(pending_vectors))
+            summary.added += len(pending_samples)
+            stored.update(pending_samples)
+            pending_samples.clear()
+            pending_vectors.clear()
+
+    for batch_samples, vectors, seconds in iter_embeddings(extractor, todo, batch_size=batch_size,
+                                                           num_workers=num_workers, device=device):
+        pending_samples.extend(batch_samples)
+        pending_vectors.append(vectors)
+        summary.seconds_model += seconds
+        bar.update(len(batch_samples))
+        # Writes go to the database a chunk at a time: few round trips, little lost on a crash.
+        if len(pending_samples) >= chunk:
+            flush()
+    flush()
+    bar.close()
+    summary.skipped = [s for s in todo if s not in stored]
+    summary.seconds = time.perf_counter() - start
+    return summary

