@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -342,6 +343,9 @@ def test_train_index_gives_an_inverted_file_with_good_recall(home):
         approx = db.search(queries, k=10).ids
         recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx.tolist(), exact.tolist())])
         assert recall >= 0.9
+        # probing every list is exact again
+        everything = db.search(queries, k=10, nprobe=10_000).ids
+        assert np.mean([len(set(a) & set(e)) / 10 for a, e in zip(everything.tolist(), exact.tolist())]) >= 0.99
         # more images after training go into the inverted file too
         extra, extra_classes = clustered(10, dim=32, centres=20, seed=7)
         db.add(paths_for(10, "/new"), extra_classes, extra)
@@ -400,7 +404,7 @@ def test_open_repairs_a_missing_or_stale_faiss_file_after_a_crash(home):
     # the same, but the change log no longer reaches back to the file: every id is compared
     run_child(CRASHING_WRITER.format(seed=2, removed=paths[1]), home, expect_kill=True)
     with Database.open("db") as db:
-        db._client.delete("cbir:db:log")
+        db._client.delete("cbir:{db}:log")
         assert len(db) == 198
         assert redis_ids(db) == faiss_ids(db) and db.info()["faiss_vectors"] == 198
 
@@ -440,6 +444,30 @@ def test_search_sees_images_added_by_another_process(home):
         assert db.search(vectors[60:61], k=1).paths == [["/data/images/img00060.png"]]
         assert len(db) == 100 and redis_ids(db) == faiss_ids(db)
 
+        # and while it indexes: every search answers, with stored paths only
+        child = start_child(
+            """
+            rng = np.random.default_rng(3)
+            with Database.open("db") as db:
+                for part in range(20):
+                    v = rng.normal(size=(50, 16)).astype("float32")
+                    paths = [f"/live/{part}_{i}.png" for i in range(50)]
+                    db.add(paths, ["live"] * 50, v / np.linalg.norm(v, axis=1, keepdims=True))
+                db.remove(["/live"])
+            """,
+            home,
+        )
+        searches = 0
+        while child.poll() is None or searches == 0:
+            result = db.search(vectors[:4], k=20)
+            # an image removed between our catch-up and the id -> path lookup is left out, never invented
+            assert [len(row) for row in result.paths] == (result.ids >= 0).sum(1).tolist()
+            assert all(p.startswith(("/data/images/", "/live/")) for row in result.paths for p in row)
+            searches += 1
+        assert child.returncode == 0, child.stderr.read()
+        assert len(db) == 100 and redis_ids(db) == faiss_ids(db)
+        assert db.search(vectors[:4], k=20).ids.shape == (4, 20)
+
 
 def test_drop_forgets_the_database(home):
     with Database.open("gone", create=True) as db:
@@ -447,6 +475,10 @@ def test_drop_forgets_the_database(home):
     with Database.open("kept", create=True) as db:
         db.add(paths_for(3), ["a", "b", "c"], clustered(3)[0])
     assert list_databases() == ["gone", "kept"]
+    with Database.open("gone") as first, Database.open("gone") as second:
+        with pytest.raises(DatabaseError, match="in use"):
+            first.drop()  # refused while another handle uses it; nothing lost
+        assert len(second) == 3
     Database.open("gone").drop()
     assert list_databases() == ["kept"] and not (home / "gone").exists()
     with pytest.raises(DatabaseError, match="does not exist"):
@@ -486,3 +518,206 @@ def test_external_server_going_away_mid_run_is_one_clear_line(redis_url, home):
     with pytest.raises(DatabaseError, match="lost the connection"):
         db.search(vectors[:1], k=3)
     db.close()  # still saves what FAISS holds and lets go without a traceback
+
+
+def test_a_database_written_before_the_hash_tags_is_renamed_on_open(home):
+    vectors, classes = clustered(40, seed=15)
+    with Database.open("old", create=True) as db:
+        db.add(paths_for(40), classes, vectors)
+        # the key layout of the first release: cbir:<name>:... without the Redis Cluster hash tag
+        for key in db._client.scan_iter(match="cbir:{old}:*"):
+            db._client.rename(key, key.decode().replace("cbir:{old}:", "cbir:old:"))
+        assert not db._client.exists("cbir:{old}:meta")
+    with Database.open("old") as db:
+        assert len(db) == 40 and db.search(vectors[3:4], k=1).paths == [[paths_for(40)[3]]]
+        assert {k.decode() for k in db._client.keys("cbir:*")} == {"cbir:databases"} | {
+            f"cbir:{{old}}:{suffix}" for suffix in ("meta", "id", "path", "class", "vec", "next_id", "version", "log")
+        }
+
+
+@pytest.fixture
+def redis_cluster(tmp_path):
+    """A real three-node Redis Cluster on loopback ports (each node holds a third of the 16384 hash slots)."""
+    ports = [free_port() for _ in range(3)]
+    servers = []
+    for port in ports:
+        folder = tmp_path / f"cluster_{port}"
+        folder.mkdir()
+        servers.append(subprocess.Popen(
+            [redis_server_executable(), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", "nodes.conf", "--save", "", "--appendonly", "no", "--dir", str(folder)],
+            cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))  # fmt: skip
+    nodes = [redis.Redis(host="127.0.0.1", port=port) for port in ports]
+    for node in nodes:
+        for _ in range(250):
+            try:
+                node.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.02)
+    bounds = [0, 5461, 10923, 16384]
+    for i, node in enumerate(nodes):
+        node.execute_command("CLUSTER", "ADDSLOTS", *range(bounds[i], bounds[i + 1]))
+        if i:
+            node.execute_command("CLUSTER", "MEET", "127.0.0.1", ports[0])
+    deadline = time.monotonic() + 30
+    while not all(b"cluster_state:ok" in node.execute_command("CLUSTER", "INFO") for node in nodes):
+        assert time.monotonic() < deadline, "the test cluster did not form"
+        time.sleep(0.05)
+    yield [f"redis://127.0.0.1:{port}/0" for port in ports], nodes
+    for node in nodes:
+        node.close()
+    for server in servers:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_databases_spread_over_a_redis_cluster_each_on_one_node(redis_cluster, home):
+    urls, nodes = redis_cluster
+    vectors, classes = clustered(300, seed=16)
+    paths = paths_for(300)
+    # 'a', 'b' and 'c' hash to slots 15495, 3300 and 7365: one database on each node
+    for name, url in zip("abc", urls):
+        with Database.open(name, redis_url=url, create=True) as db:
+            db.set_extractor(EXTRACTOR_A)
+            db.add(paths, classes, vectors)
+            assert db.remove(["/data/images/img00000.png"]) == 1
+            assert "IVF" in db.train_index(nlist=4)
+    for name, url in zip("abc", reversed(urls)):  # reached through any node: the client follows the slots
+        with Database.open(name, redis_url=url) as db:
+            assert len(db) == 299 and redis_ids(db) == faiss_ids(db)
+            assert db.search(vectors[5:6], k=1, nprobe=4).paths == [[paths[5]]]
+            assert db.info()["index"] == "IVF4,Flat"
+    assert list_databases(redis_url=urls[1]) == ["a", "b", "c"]
+    # every key of a database on one node (scripts and transactions touch several of them at once)
+    owners = {}
+    for node in nodes:
+        for key in node.keys("cbir:{*"):
+            owners.setdefault(key.decode().split("}")[0] + "}", set()).add(node.connection_pool.connection_kwargs["port"])
+    assert sorted(owners) == ["cbir:{a}", "cbir:{b}", "cbir:{c}"]
+    assert all(len(ports) == 1 for ports in owners.values()) and len(set.union(*owners.values())) == 3
+    with Database.open("b", redis_url=urls[0]) as db:
+        db.drop()
+    assert list_databases(redis_url=urls[2]) == ["a", "c"]
+
+
+@pytest.fixture
+def tls_url(redis_url, tmp_path):
+    """The password-protected server behind a TLS terminator (the bundled redis-server is built without TLS)."""
+    import ssl
+    import threading
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    upstream_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    sockets = [listener]
+
+    def pump(source, target):
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, target):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def relay(connection):
+        try:
+            secure = context.wrap_socket(connection, server_side=True)
+        except OSError:  # a client that refused our certificate
+            connection.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", upstream_port))
+        sockets.extend([secure, upstream])
+        threading.Thread(target=pump, args=(upstream, secure), daemon=True).start()
+        pump(secure, upstream)
+
+    def serve():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=relay, args=(connection,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    port = listener.getsockname()[1]
+    yield f"rediss://:s3cret-pw@127.0.0.1:{port}/0", cert
+    for s in sockets:
+        with contextlib.suppress(OSError):
+            s.close()
+
+
+def test_tls_url_works_and_an_untrusted_certificate_is_one_line(tls_url, home):
+    url, cert = tls_url
+    vectors, classes = clustered(30, seed=17)
+    with Database.open("secure", redis_url=f"{url}?ssl_ca_certs={cert}", create=True) as db:
+        db.add(paths_for(30), classes, vectors)
+        assert db.search(vectors[4:5], k=1).paths == [[paths_for(30)[4]]]
+    assert list_databases(redis_url=f"{url}?ssl_ca_certs={cert}") == ["secure"]
+    with pytest.raises(DatabaseError) as error:  # the system CAs do not know our self-signed certificate
+        Database.open("secure", redis_url=url)
+    message = str(error.value)
+    assert "certificate" in message.lower() and "\n" not in message and "s3cret-pw" not in message
+
+
+def test_search_maps_ids_to_paths_from_the_saved_table_without_asking_redis(home):
+    vectors, classes = clustered(500, seed=18)
+    paths = paths_for(500)
+    queries = unit(vectors[:50] + 0.01)
+    expected = [[paths[j] for j in row] for row in exact_neighbours(vectors, queries, 10)]
+    with Database.open("db", create=True) as db:
+        db.add(paths, classes, vectors)
+    names_file = home / "db" / "names.npz"
+    assert names_file.exists()
+
+    def hmget_calls(db) -> int:
+        return int(db._client.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0))
+
+    with Database.open("db") as db:
+        db.search(queries[:1], k=1)  # opening: the FAISS and table files are read
+        before = hmget_calls(db)
+        result = db.search(queries, k=10)
+        # one HMGET: the catch-up check on the meta hash; none for the 500 paths and classes
+        assert hmget_calls(db) - before == 1
+        assert result.paths == expected and result.classes == [[classes[paths.index(p)] for p in r] for r in expected]
+
+    names_file.write_bytes(b"PK\x03\x04 a broken table")
+    with Database.open("db") as db:  # only slower: the names are read from Redis, and the table saved again
+        assert db.search(queries, k=10).paths == expected
+    with Database.open("db") as db:
+        before = hmget_calls(db)
+        assert db.search(queries, k=10).paths == expected and hmget_calls(db) - before == 1
+
+
+def test_two_machines_share_one_redis_each_with_its_own_faiss_copy(redis_url, tmp_path):
+    """Each machine keeps its FAISS index in its own --home; Redis on the server is the one truth they follow."""
+    vectors, classes = clustered(200, seed=19)
+    paths = paths_for(200)
+    home_a, home_b = tmp_path / "machine_a", tmp_path / "machine_b"
+    with Database.open("shared", home=home_a, redis_url=redis_url, create=True) as a, Database.open(
+        "shared", home=home_b, redis_url=redis_url
+    ) as b:
+        a.set_extractor(EXTRACTOR_A)
+        a.add(paths[:100], classes[:100], vectors[:100])
+        assert b.search(vectors[50:51], k=1).paths == [[paths[50]]]  # B builds its copy from Redis
+        b.add(paths[100:], classes[100:], vectors[100:])
+        assert a.remove([paths[0]]) == 1
+        assert a.search(vectors[150:151], k=1).paths == [[paths[150]]]
+        assert b.search(vectors[0:1], k=1).paths != [[paths[0]]]
+        assert redis_ids(a) == faiss_ids(a) == faiss_ids(b) and len(a) == 199
+    assert (home_a / "shared" / "faiss.index").exists() and (home_b / "shared" / "faiss.index").exists()
+    with Database.open("shared", home=home_b, redis_url=redis_url) as b:
+        assert b.info()["index_file"] == {"vectors": 199, "up_to_date": True}

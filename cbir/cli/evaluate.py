@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 from cbir.cli.common import build_extractor, database_args, entry_point, extractor_args
+from cbir.splits import add_generalise_args
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,6 +34,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cms", default=None, help="folder for the confusion matrices (top-1 and majority class)")
     p.add_argument("--output", default=None, help="write every number to this JSON file")
     p.add_argument("--nprobe", type=int, default=None, help="inverted lists searched (approximate index only)")
+    p.add_argument("--map_at_r", action="store_true",
+                   help="also MAP@R (asks the search for as many results as the largest class holds)")
+    add_generalise_args(p)
+    p.add_argument("--cluster_labels", default=None,
+                   help="image -> cluster labels (cbir-kmeans --out: its cluster_labels.json) for the cluster-level "
+                        "scores; required by --generalise 3; label the query folder too (cbir-kmeans --load partial)")
     database_args(p)
     extractor_args(p)
     return p
@@ -43,17 +51,29 @@ def main(argv=None) -> None:
     from cbir.errors import CbirError
     from cbir.evaluation import (LevelMaps, evaluate, plot_confusion_matrices, results_to_request,
                                  write_excel_sheet)
+    from cbir.kmeans import read_cluster_labels
     from cbir.retrieval import search_function
+    from cbir.splits import restrict_samples
 
     args = parser().parse_args(argv)
     queries = list_samples(args.path)
+    if args.generalise in (1, 2):
+        # The classes the extractor never saw: the "test" half, the same rule cbir-train and cbir-index use.
+        queries = restrict_samples(queries, "test", args.generalise, seed=args.split_seed, split_file=args.split_file)
+    if args.generalise == 3 and not args.cluster_labels:
+        raise CbirError("--generalise 3 scores against k-means clusters: give --cluster_labels FILE "
+                        "(cbir-kmeans --out FOLDER writes FOLDER/cluster_labels.json)")
+    cluster_labels = read_cluster_labels(args.cluster_labels) if args.cluster_labels else None
     try:
         maps = LevelMaps.from_files(args.projects_csv, args.similar)
     except (OSError, ValueError) as exc:
         raise CbirError(str(exc)) from None
     with Database.open(args.db_name, home=args.home, redis_url=args.redis_url) as db:
         extractor = build_extractor(args, db.extractor)
-        k_wanted = results_to_request(5, exclude_same=args.exclude_same)
+        db_class_counts = None
+        if args.map_at_r:
+            db_class_counts = dict(Counter(cls for _, _, cls in db.items()))
+        k_wanted = results_to_request(5, exclude_same=args.exclude_same, db_class_counts=db_class_counts)
         search = search_function(extractor, db, k_wanted, nprobe=args.nprobe, batch_size=args.batch_size,
                                  num_workers=args.num_workers)
         try:
@@ -62,7 +82,8 @@ def main(argv=None) -> None:
                 seed=args.seed, repeats=args.repeats, maps=maps, max_queries=args.max_queries,
                 remove_classes=args.remove_classes.split(",") if args.remove_classes else None,
                 project_name=args.project_name, class_name=args.class_name, exclude_same=args.exclude_same,
-                batch_size=max(args.batch_size, 64), bootstrap=args.bootstrap,
+                batch_size=max(args.batch_size, 64), bootstrap=args.bootstrap, cluster_labels=cluster_labels,
+                db_class_counts=db_class_counts,
             )
         except ValueError as exc:
             raise CbirError(str(exc)) from None

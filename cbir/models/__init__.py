@@ -1,9 +1,10 @@
 """Feature extractors: one registry, one extractor class, one checkpoint format."""
 
 from cbir.models.extractor import Extractor, create_extractor, load_extractor, read_checkpoint, save_extractor
-from cbir.models.registry import BACKBONES, get_backbone, list_models, register_backbone
+from cbir.models.registry import BACKBONES, check_model_name, get_backbone, list_models, register_backbone
+from cbir.models.catalog import describe_models, models_table
 
 __all__ = [
-    "BACKBONES", "Extractor", "create_extractor", "get_backbone", "list_models", "load_extractor", "read_checkpoint",
-    "register_backbone", "save_extractor",
+    "BACKBONES", "Extractor", "check_model_name", "create_extractor", "describe_models", "get_backbone",
+    "list_models", "load_extractor", "models_table", "read_checkpoint", "register_backbone", "save_extractor",
 ]

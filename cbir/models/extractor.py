@@ -16,8 +16,12 @@ from torch.nn import functional as F
 
 from cbir.data import build_transform
 from cbir.errors import CbirError
-from cbir.models import backbones as _backbones  # noqa: F401 — registers the backbones
-from cbir.models.registry import get_backbone
+# Registration order is the order list_models() shows: the thesis's backbones, then the self-trained models.
+from cbir.models import backbones as _backbones  # noqa: F401, I001
+from cbir.models import timm_models as _timm_models  # noqa: F401 — deit and the timm:<name> family
+from cbir.models import autoencoders as _autoencoders  # noqa: F401
+from cbir.models import byol as _byol  # noqa: F401
+from cbir.models.registry import BACKBONES, get_backbone
 
 CHECKPOINT_FORMAT = 1
 
@@ -41,35 +45,97 @@ class DeepRanking(nn.Module):
 
 
 class Extractor(nn.Module):
-    """An image batch → L2-normalised (B, num_features) vectors. ``num_features=0`` keeps the pooled features."""
+    """An image batch → L2-normalised (B, num_features) vectors. ``num_features=0`` keeps the pooled features.
+
+    Models that train with their own objective (``trains_itself``: the autoencoders, BYOL) have no head: their
+    embedding is their own representation, whatever ``num_features`` asked. For them the training loop calls
+    ``training_loss(images)`` instead of a metric loss, and ``after_step()`` after each optimiser step.
+    """
 
     def __init__(self, config: dict, pretrained: bool = False, weights_file: str | None = None):
         super().__init__()
-        spec = get_backbone(config["model"])
-        backbone, feature_dim = spec.build(pretrained=pretrained, weights_file=weights_file)
+        self._backbone_frozen = False
+        spec = get_backbone(config["model"], config.get("backbone_config"))
+        input_size = int(config.get("input_size") or spec.input_size)
+        if input_size < spec.min_input_size:
+            raise CbirError(f"'{config['model']}' needs images of at least {spec.min_input_size} px; "
+                            f"--input_size {input_size} is too small")
+        if spec.trains_itself and config.get("dr_model"):
+            raise CbirError(f"--dr_model wraps a backbone trained by metric learning; '{config['model']}' trains "
+                            "itself with its own objective")
+        backbone, feature_dim = spec.create(pretrained=pretrained, weights_file=weights_file, input_size=input_size)
         if config.get("dr_model"):
             backbone, feature_dim = DeepRanking(backbone, feature_dim), 4096 + 2 * 96 * 16
         self.backbone = backbone
-        num_features = config["num_features"] or feature_dim
-        self.head = nn.Linear(feature_dim, num_features) if config["num_features"] else nn.Identity()
+        self.spec = spec
+        requested = 0 if spec.trains_itself else config["num_features"]
+        num_features = requested or feature_dim
+        self.head = nn.Linear(feature_dim, num_features) if requested else nn.Identity()
         self.config = {
             **config,
-            "input_size": config.get("input_size") or spec.input_size,
+            "num_features": requested,
+            "input_size": input_size,
             "mean": list(config.get("mean") or spec.mean),
             "std": list(config.get("std") or spec.std),
             "embedding_size": num_features,
         }
+        if spec.extra:
+            self.config["backbone_config"] = spec.extra
+        if spec.frozen:
+            self.freeze_backbone()
 
     @property
     def embedding_size(self) -> int:
         return self.config["embedding_size"]
 
+    @property
+    def trains_itself(self) -> bool:
+        """True when training calls ``training_loss`` (autoencoders, BYOL) rather than a metric loss."""
+        return self.spec.trains_itself
+
+    @property
+    def can_reconstruct(self) -> bool:
+        return hasattr(self.backbone, "reconstruct")
+
     def forward(self, x):
         return F.normalize(self.head(self.backbone(x)), dim=1)
 
+    def training_loss(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's own objective on a batch of [0, 1] images (contractive: MSE + penalty; VAE: BCE + KL;
+        conv autoencoders: MSE; BYOL: its loss between two augmented views)."""
+        if not self.trains_itself:
+            raise CbirError(f"'{self.config['model']}' trains with a metric loss (--loss), not its own objective")
+        return self.backbone.training_loss(images)
+
+    def after_step(self) -> None:
+        """Called by the training loop after each optimiser step (BYOL moves its target network here)."""
+        hook = getattr(self.backbone, "after_step", None)
+        if hook is not None:
+            hook()
+
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Autoencoders: the decoded images, in [0, 1], for a batch prepared by ``transform()``."""
+        if not self.can_reconstruct:
+            raise CbirError(f"a '{self.config['model']}' extractor does not reconstruct images; only the "
+                            f"autoencoders do ({', '.join(reconstructing_models())})")
+        return self.backbone.reconstruct(images)
+
     def freeze_backbone(self) -> None:
+        """Train the head only: the backbone's weights stop learning and its BatchNorm statistics stop moving."""
+        if self.spec.trains_itself:
+            raise CbirError(f"--freeze trains the head only, and '{self.config['model']}' has no head: it trains "
+                            "itself with its own objective")
         for parameter in self.backbone.parameters():
             parameter.requires_grad_(False)
+        self._backbone_frozen = True
+        self.backbone.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self._backbone_frozen:
+            # A frozen backbone in train mode would still drift its BatchNorm running statistics.
+            self.backbone.eval()
+        return self
 
     def transform(self, train: bool = False):
         return build_transform(self.config["input_size"], self.config["mean"], self.config["std"], train=train)
@@ -91,6 +157,10 @@ class Extractor(nn.Module):
             "input_size": self.config["input_size"],
             "fingerprint": self.fingerprint(),
         }
+
+
+def reconstructing_models() -> list[str]:
+    return [name for name, spec in BACKBONES.items() if spec.kind == "autoencoder"]
 
 
 def create_extractor(
@@ -159,7 +229,12 @@ def load_extractor(
         if given is not None and given != stored:
             raise CbirError(f"{path} holds a '{config['model']}' extractor with {flag} {stored}, not {given}; "
                             f"drop {flag} (the checkpoint carries its own configuration)")
-    extractor = Extractor(config, pretrained=False)
+    return extractor_from_checkpoint(payload)
+
+
+def extractor_from_checkpoint(payload: dict) -> Extractor:
+    """The extractor a checkpoint read by :func:`read_checkpoint` describes, in eval mode."""
+    extractor = Extractor(payload["config"], pretrained=False)
     extractor.load_state_dict(payload["state_dict"])
     extractor.eval()
     return extractor

@@ -1,0 +1,96 @@
+"""cbir-classification-acc: accuracy of a classification head at the three levels (thesis: classification_acc)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cbir.cli.common import build_extractor, entry_point, extractor_args
+
+
+def parser() -> argparse.ArgumentParser:
+    from cbir.evaluation import MEASURES
+
+    p = argparse.ArgumentParser(
+        prog="cbir-classification-acc",
+        description="Train a linear classification head on the extractor's (frozen) features of --training_data, "
+                    "then score its predictions on --path at the class, project and similar levels by the "
+                    "retrieval protocols. top-5: the true class among the 5 highest logits; maj is n/a.",
+    )
+    p.add_argument("--training_data", required=True, help="folder with one sub-folder per class (the head's data)")
+    p.add_argument("--path", required=True, help="query folder, one sub-folder per class")
+    p.add_argument("--measure", default="all", choices=MEASURES, help="protocol (default: all)")
+    p.add_argument("--num_epochs", type=int, default=30, help="epochs of the head (default 30)")
+    p.add_argument("--lr", type=float, default=1e-2, help="learning rate of the head (default 1e-2)")
+    p.add_argument("--decay", type=float, default=1e-4, help="weight decay of the head (default 1e-4)")
+    p.add_argument("--head_batch_size", type=int, default=64, help="batch size of the head's training (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the head, of random and of stat")
+    p.add_argument("--repeats", type=int, default=10, help="repetitions of stat (default: 10)")
+    p.add_argument("--max_queries", type=int, default=1000, help="random: stop just over this many queries")
+    p.add_argument("--remove_classes", default=None,
+                   help="remove: comma-separated classes to leave out (default: the dominant classes, printed)")
+    p.add_argument("--project_name", default=None, help="only the queries of this project")
+    p.add_argument("--class_name", default=None, help="only the queries of this class")
+    p.add_argument("--projects_csv", default=None, help="class,project rows where names do not follow the rule")
+    p.add_argument("--similar", default=None, help="file of similar project pairs, one 'projA,projB' per line")
+    p.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for confidence intervals")
+    p.add_argument("--excel_path", default="excel_results/results.xlsx", help="separated: workbook to write")
+    p.add_argument("--name", default="classifier", help="separated: sheet name (default: classifier)")
+    p.add_argument("--cms", default=None,
+                   help="folder for the confusion matrix of the predicted class (top1.png; majority.png is the same "
+                        "for a classifier)")
+    p.add_argument("--output", default=None, help="write every number to this JSON file")
+    p.add_argument("--save_head", default=None, help="save the trained head here (torch file of tensors)")
+    extractor_args(p)
+    return p
+
+
+def main(argv=None) -> None:
+    import torch
+
+    from cbir.classification import classification_accuracy
+    from cbir.data import list_samples
+    from cbir.errors import CbirError
+    from cbir.evaluation import LevelMaps, plot_confusion_matrices, write_excel_sheet
+
+    args = parser().parse_args(argv)
+    train_samples = list_samples(args.training_data)
+    queries = list_samples(args.path)
+    try:
+        maps = LevelMaps.from_files(args.projects_csv, args.similar)
+    except (OSError, ValueError) as exc:
+        raise CbirError(str(exc)) from None
+    extractor = build_extractor(args, None)
+    result = classification_accuracy(
+        extractor, train_samples, queries, measure=args.measure, num_epochs=args.num_epochs, lr=args.lr,
+        head_batch_size=args.head_batch_size, weight_decay=args.decay, seed=args.seed, batch_size=args.batch_size,
+        num_workers=args.num_workers, repeats=args.repeats, maps=maps, max_queries=args.max_queries,
+        remove_classes=args.remove_classes.split(",") if args.remove_classes else None,
+        project_name=args.project_name, class_name=args.class_name, bootstrap=args.bootstrap,
+    )
+    report = result.report
+    print(result.format())
+    if args.measure == "separated" and report.per_class is not None:
+        try:
+            write_excel_sheet(report.per_class, args.excel_path, args.name)
+        except ValueError as exc:
+            raise CbirError(str(exc)) from None
+        print(f"per-class rows: sheet '{args.name}' of {args.excel_path}")
+    if args.cms:
+        for figure in plot_confusion_matrices(report.per_query, args.cms):
+            print(f"confusion matrix: {figure}")
+    if args.output:
+        numbers = report.to_dict()
+        numbers["training"] = {"images": result.n_train, "classes": result.head.class_names,
+                               "history": result.history, "seconds": result.seconds_train}
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(numbers, indent=2))
+        print(f"numbers: {args.output}")
+    if args.save_head:
+        Path(args.save_head).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({**result.head.state(), "extractor": extractor.describe()}, args.save_head)
+        print(f"head: {args.save_head}")
+
+
+console_script = entry_point(main)

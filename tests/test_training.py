@@ -1,0 +1,267 @@
+"""The training loop: every loss learns, the loss's own parameters train, resume repeats an unbroken run, two
+processes under torchrun train one model, models that train themselves use their own objective, bad input is
+refused in one line before any work.
+
+Most tests train a tiny CNN registered here (a real backbone entry, only small) on a separable problem of four
+colour classes at 32 px, so that a few steps show learning; the CLI and torchrun tests use the real effnet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch.nn import functional as F
+
+import cbir.training as training
+from cbir.cli import train as train_cli
+from cbir.cli.common import run
+from cbir.errors import CbirError
+from cbir.losses import LOSSES
+from cbir.models import BACKBONES, load_extractor, register_backbone
+from cbir.training import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )
+
+
+def _tiny(pretrained: bool = False, weights_file: str | None = None):
+    return _tiny_cnn(), 32
+
+
+class _TinyAutoencoder(nn.Module):
+    """A self-training model of the registry's shape: its own loss, and an after_step hook it counts."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = _tiny_cnn()
+        self.decoder = nn.Linear(32, 3 * 8 * 8)
+        self.register_buffer("after_steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        return self.encoder(x)
+
+    def training_loss(self, x):
+        target = F.adaptive_avg_pool2d(x, 8)
+        return F.mse_loss(self.decoder(self.encoder(x)).view_as(target), target)
+
+    def after_step(self):
+        self.after_steps += 1
+
+
+def _tiny_ae(pretrained: bool = False, weights_file: str | None = None):
+    return _TinyAutoencoder(), 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def tiny_backbones():
+    """Test-only backbones, registered while this module runs: the registry is global, other modules list it."""
+    register_backbone("test_tiny", input_size=32, description="test-only tiny CNN")(_tiny)
+    register_backbone("test_tiny_ae", input_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                      description="test-only tiny autoencoder", kind="autoencoder", trains_itself=True)(_tiny_ae)
+    yield
+    for name in ("test_tiny", "test_tiny_ae"):
+        BACKBONES.pop(name, None)
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+
+def make_colour_classes(root: Path, per_class: int = 12, size: int = 32, classes=COLOURS) -> Path:
+    """Four classes told apart by colour, with pixel noise: separable, so a few steps must lower any loss."""
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = np.array(COLOURS[name]) + rng.normal(0, 25, (size, size, 3))
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / name / f"{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    return make_colour_classes(tmp_path_factory.mktemp("colours"))
+
+
+def tiny_config(data, weights, **overrides) -> TrainConfig:
+    settings = dict(training_data=str(data), weights=str(weights), model="test_tiny", num_features=16,
+                    num_epochs=6, batch_size=16, images_per_class=4, lr=1e-3, lr_proxies=1e-2, num_workers=0,
+                    progress=False)
+    return TrainConfig(**{**settings, **overrides})
+
+
+@pytest.mark.parametrize("loss, modes", [
+    *[(name, {}) for name in LOSSES],
+    ("infonce", {"augmented": True}),
+    ("triplet", {"non_contrastive": True}),
+    ("contrastive", {"augmented": True, "non_contrastive": True}),
+])
+def test_every_loss_lowers_its_value_on_a_separable_problem(colours, tmp_path, loss, modes):
+    summary = train(tiny_config(colours, tmp_path / "w.pt", loss=loss, **modes))
+    losses = [row["loss"] for row in summary["history"]]
+    assert summary["loss"] == loss and len(losses) == 6 and all(np.isfinite(losses))
+    # each epoch sees other batches: compare the first epoch with the mean of the last two
+    assert np.mean(losses[-2:]) < 0.95 * losses[0], losses
+
+
+@pytest.mark.parametrize("loss", ["margin", "proxy_nca_pp", "softmax", "softtriple"])
+def test_every_learnable_loss_parameter_trains_and_is_saved(colours, tmp_path, monkeypatch, loss):
+    created = []
+
+    def recording_create_loss(*args, **kwargs):
+        loss_fn = LOSSES_FACTORY(*args, **kwargs)
+        created.append((loss_fn, {n: p.detach().clone() for n, p in loss_fn.named_parameters()}))
+        return loss_fn
+
+    LOSSES_FACTORY = training.create_loss
+    monkeypatch.setattr(training, "create_loss", recording_create_loss)
+    train(tiny_config(colours, tmp_path / "w.pt", loss=loss, num_epochs=1, max_batches=2))
+    (loss_fn, initial), = created
+    assert initial, f"{loss} has no learnable parameter"
+    saved = torch.load(tmp_path / "w.pt", weights_only=True)["training"]["loss_state"]
+    for name, parameter in loss_fn.named_parameters():
+        # every element moves (β of each class, each proxy / class weight / centre), and the checkpoint has it
+        assert (parameter.detach() != initial[name]).all(), name
+        assert torch.equal(saved[name], parameter.detach()), name
+
+
+def test_resume_after_one_epoch_equals_the_unbroken_run(colours, tmp_path):
+    settings = dict(loss="margin", scheduler="exponential", gamma=0.5, num_epochs=2, max_batches=2, val_fraction=0.2)
+    unbroken = train(tiny_config(colours, tmp_path / "unbroken.pt", **settings))
+    train(tiny_config(colours, tmp_path / "broken.pt", **{**settings, "num_epochs": 1}))
+    # Resumed with a DataLoader worker, where the unbroken run had none: augmentation follows the seed, not the
+    # process that draws it.
+    resumed = train(tiny_config(colours, tmp_path / "broken.pt", **settings, resume=str(tmp_path / "broken.pt"),
+                                num_workers=1))
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2]
+    assert resumed["history"][1]["loss"] == pytest.approx(unbroken["history"][1]["loss"], rel=1e-5)
+    assert resumed["history"][1]["lr"] == unbroken["history"][1]["lr"] == pytest.approx(0.5e-3)
+    a = torch.load(tmp_path / "unbroken.pt", weights_only=True)
+    b = torch.load(tmp_path / "broken.pt", weights_only=True)
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
+    assert torch.allclose(a["training"]["loss_state"]["loss.beta"], b["training"]["loss_state"]["loss.beta"], atol=1e-6)
+    assert b["training"]["scheduler"]["last_epoch"] == 2
+    log_rows = [json.loads(line) for line in (tmp_path / "broken.log.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in log_rows] == [1, 2]
+
+
+def test_resume_refuses_other_settings_and_finished_runs(colours, tmp_path):
+    weights = tmp_path / "w.pt"
+    train(tiny_config(colours, weights, loss="softmax", num_epochs=1, max_batches=1))
+    with pytest.raises(CbirError, match="--loss softmax, not margin"):
+        train(tiny_config(colours, tmp_path / "x.pt", loss="margin", num_epochs=2, resume=str(weights)))
+    with pytest.raises(CbirError, match="already trained 1 epochs"):
+        train(tiny_config(colours, tmp_path / "x.pt", loss="softmax", num_epochs=1, resume=str(weights)))
+
+
+def test_a_model_that_trains_itself_uses_its_own_loss_on_one_class(tmp_path):
+    data = make_colour_classes(tmp_path / "one", per_class=24, classes=["red"])
+    summary = train(tiny_config(data, tmp_path / "ae.pt", model="test_tiny_ae", num_epochs=3, lr=3e-3))
+    losses = [row["loss"] for row in summary["history"]]
+    assert summary["loss"] is None and losses[-1] < losses[0], losses
+    payload = torch.load(tmp_path / "ae.pt", weights_only=True)
+    # after_step ran once per optimiser step: 24 images in batches of 16 -> 2 steps an epoch
+    assert int(payload["state_dict"]["backbone.after_steps"]) == 6
+    assert load_extractor(tmp_path / "ae.pt")(torch.rand(2, 3, 32, 32)).shape == (2, 32)
+    with pytest.raises(CbirError, match="trains with its own objective; --loss margin does not apply"):
+        train(tiny_config(data, tmp_path / "x.pt", model="test_tiny_ae", loss="margin"))
+
+
+def test_generalise_1_trains_on_the_train_half_of_the_classes(synthetic_data, tmp_path):
+    from cbir.splits import classes_for
+
+    all_classes = sorted(p.name for p in synthetic_data["train"].iterdir())
+    expected = classes_for("train", all_classes, 1)
+    train(tiny_config(synthetic_data["train"], tmp_path / "g.pt", generalise=1, num_epochs=1, max_batches=1,
+                      batch_size=8))
+    config = torch.load(tmp_path / "g.pt", weights_only=True)["config"]
+    assert config["class_names"] == expected and 0 < len(expected) < len(all_classes)
+
+
+def test_generalise_3_trains_on_cluster_labels(synthetic_data, tmp_path):
+    from cbir.kmeans import save_cluster_labels
+
+    images = sorted(p for p in Path(synthetic_data["train"]).rglob("*.png"))
+    labels = save_cluster_labels({str(p): i % 3 for i, p in enumerate(images)}, tmp_path / "clusters.json")
+    train(tiny_config(synthetic_data["train"], tmp_path / "k.pt", generalise=3, cluster_labels=str(labels),
+                      num_epochs=1, max_batches=1, batch_size=8))
+    config = torch.load(tmp_path / "k.pt", weights_only=True)["config"]
+    assert config["class_names"] == ["cluster_0", "cluster_1", "cluster_2"]
+
+
+def test_two_processes_under_torchrun_train_one_model_on_cpu(synthetic_data, tmp_path):
+    weights = tmp_path / "ddp" / "effnet.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
+        "-m", "cbir.cli.train", "--parallel", "--model", "effnet", "--input_size", "32",
+        "--training_data", str(synthetic_data["train"]), "--weights", str(weights), "--loss", "softmax",
+        "--lr_proxies", "1e-2", "--num_epochs", "1", "--batch_size", "8", "--max_batches", "2", "--num_workers", "0",
+        "--val_fraction", "0.25",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # one process speaks and writes; the ranks' weights (the softmax class weights included) were checked equal
+    assert done.stdout.count("trained effnet + softmax") == 1 and "2 processes" in done.stdout
+    assert sorted(p.name for p in weights.parent.iterdir()) == ["effnet.best.pt", "effnet.log.jsonl", "effnet.loss.png",
+                                                                 "effnet.pt"]
+    rows = [json.loads(line) for line in weights.with_name("effnet.log.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1] and rows[0]["val_top1"] is not None
+    payload = torch.load(weights, weights_only=True)
+    assert payload["training"]["train_config"]["parallel"] and "optimizer" in payload["training"]
+
+
+def test_parallel_without_torchrun_says_how_to_start_it(colours, tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(CbirError, match="torchrun"):
+        train(tiny_config(colours, tmp_path / "w.pt", parallel=True))
+
+
+def one_line_error(capsys, argv) -> str:
+    assert run(train_cli.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_input_is_refused_in_one_line_before_any_work(colours, tmp_path, capsys):
+    weights = tmp_path / "out" / "w.pt"
+    base = ["--model", "test_tiny", "--weights", str(weights), "--num_workers", "0"]
+    one_class = make_colour_classes(tmp_path / "one", per_class=4, classes=["red"])
+    assert "needs at least two class folders" in one_line_error(capsys, [*base, "--training_data", str(one_class)])
+    lonely = make_colour_classes(tmp_path / "lonely", per_class=3, classes=["red", "green"])
+    (lonely / "blue").mkdir()
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(lonely / "blue" / "only.png")
+    assert "hold a single image (blue)" in one_line_error(capsys, [*base, "--training_data", str(lonely)])
+    assert "--batch_size 6 must be a multiple" in one_line_error(
+        capsys, [*base, "--training_data", str(colours), "--batch_size", "6"])
+    assert "apply to the pair losses" in one_line_error(
+        capsys, [*base, "--training_data", str(colours), "--augmented"])
+    assert "--cluster_labels" in one_line_error(capsys, [*base, "--training_data", str(colours), "--generalise", "3"])
+    assert "does not exist" in one_line_error(
+        capsys, [*base, "--training_data", str(colours), "--resume", str(tmp_path / "missing.pt")])
+    assert "trains with its own objective" in one_line_error(
+        capsys, [*base[:1], "test_tiny_ae", *base[2:], "--training_data", str(colours), "--loss", "triplet"])
+    assert not weights.parent.exists()  # refused before anything was written
+    for field, value, message in (("scheduler", "cosine", "unknown --scheduler 'cosine'"),
+                                  ("loss", "arcface", "unknown loss 'arcface'"),
+                                  ("precision", "fp16", "needs a GPU")):
+        if field == "precision" and torch.cuda.is_available():
+            continue
+        with pytest.raises(CbirError, match=message):
+            train(tiny_config(colours, weights, **{field: value}))
