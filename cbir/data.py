@@ -140,14 +140,20 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
-        sample = self.samples[index]
+    def load(self, index: int):
+        """The image of sample ``index``, or ``None`` (warned, and later counted) when it cannot be read."""
         try:
-            image = load_image(sample.path)
+            return load_image(self.samples[index].path)
         except UnreadableImage as exc:
             log.warning("skipping %s", exc)
             return None
-        return self.transform(image), self.class_to_idx.get(sample.class_name, -1), index
+
+    def label(self, index: int) -> int:
+        return self.class_to_idx.get(self.samples[index].class_name, -1)
+
+    def __getitem__(self, index: int):
+        image = self.load(index)
+        return None if image is None else (self.transform(image), self.label(index), index)
 
 
 def collate_skipping(batch):

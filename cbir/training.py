@@ -40,8 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from cbir.data import (ClassBalancedBatches, ImageDataset, Sample, UnreadableImage, collate_skipping, list_samples,
-                       load_image)
+from cbir.data import ClassBalancedBatches, ImageDataset, Sample, collate_skipping, list_samples
 from cbir.embedding import default_workers, embed, pick_device
 from cbir.errors import CbirError
 from cbir.losses import LOSSES, PAIR_LOSSES, create_loss
@@ -315,11 +314,8 @@ class TrainingImages(ImageDataset):
 
     def __getitem__(self, key):
         index, seed = key
-        sample = self.samples[index]
-        try:
-            image = load_image(sample.path)
-        except UnreadableImage as exc:
-            log.warning("skipping %s", exc)
+        image = self.load(index)
+        if image is None:
             return None
         # The transforms draw from torch's global CPU generator: seed it for this draw, and give it back unchanged
         # (with no workers this runs in the training process, whose generator drives dropout and the miner).
@@ -327,7 +323,7 @@ class TrainingImages(ImageDataset):
             torch.random.default_generator.manual_seed(seed)
             views = [self.transform(image) for _ in range(self.views)]
         tensor = views[0] if self.views == 1 else torch.stack(views)
-        return tensor, self.class_to_idx.get(sample.class_name, -1), index
+        return tensor, self.label(index), index
 
 
 def pair_indices(labels: torch.Tensor, generator: torch.Generator, *, augmented: bool, non_contrastive: bool):

@@ -157,3 +157,15 @@ def test_console_script_prints_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_frozen_imagenet_features_retrieve_the_synthetic_classes(synthetic_data, home, tmp_path):
+    """The pipeline itself (embed, store, search, map ids back to classes) on features that need no training:
+    a mix-up of ids, paths or classes anywhere would bring class top-1 down to chance (0.25)."""
+    assert run(index.main, ["--path", str(synthetic_data["index"]), "--extractor", "effnet", "--num_features", "0",
+                            "--db_name", "frozen", "--num_workers", "0", *home]) == 0
+    output = tmp_path / "frozen.json"
+    assert run(evaluate.main, ["--path", str(synthetic_data["query"]), "--measure", "all", "--db_name", "frozen",
+                               "--output", str(output), "--num_workers", "0", *home]) == 0
+    scores = json.loads(output.read_text())["scores"]
+    assert scores["class_top1"] >= 0.75 and scores["class_top5"] == 1.0

@@ -6,12 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from cbir.cli.common import build_extractor, entry_point, extractor_args
+from cbir.cli.common import build_extractor, entry_point, extractor_args, protocol_args
 
 
 def parser() -> argparse.ArgumentParser:
-    from cbir.evaluation import MEASURES
-
     p = argparse.ArgumentParser(
         prog="cbir-classification-acc",
         description="Train a linear classification head on the extractor's (frozen) features of --training_data, "
@@ -19,28 +17,16 @@ def parser() -> argparse.ArgumentParser:
                     "retrieval protocols. top-5: the true class among the 5 highest logits; maj is n/a.",
     )
     p.add_argument("--training_data", required=True, help="folder with one sub-folder per class (the head's data)")
-    p.add_argument("--path", required=True, help="query folder, one sub-folder per class")
-    p.add_argument("--measure", default="all", choices=MEASURES, help="protocol (default: all)")
+    protocol_args(p, default_measure="all")
     p.add_argument("--num_epochs", type=int, default=30, help="epochs of the head (default 30)")
     p.add_argument("--lr", type=float, default=1e-2, help="learning rate of the head (default 1e-2)")
     p.add_argument("--decay", type=float, default=1e-4, help="weight decay of the head (default 1e-4)")
     p.add_argument("--head_batch_size", type=int, default=64, help="batch size of the head's training (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the head, of random and of stat")
-    p.add_argument("--repeats", type=int, default=10, help="repetitions of stat (default: 10)")
-    p.add_argument("--max_queries", type=int, default=1000, help="random: stop just over this many queries")
-    p.add_argument("--remove_classes", default=None,
-                   help="remove: comma-separated classes to leave out (default: the dominant classes, printed)")
-    p.add_argument("--project_name", default=None, help="only the queries of this project")
-    p.add_argument("--class_name", default=None, help="only the queries of this class")
-    p.add_argument("--projects_csv", default=None, help="class,project rows where names do not follow the rule")
-    p.add_argument("--similar", default=None, help="file of similar project pairs, one 'projA,projB' per line")
-    p.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for confidence intervals")
-    p.add_argument("--excel_path", default="excel_results/results.xlsx", help="separated: workbook to write")
     p.add_argument("--name", default="classifier", help="separated: sheet name (default: classifier)")
     p.add_argument("--cms", default=None,
                    help="folder for the confusion matrix of the predicted class (top1.png; majority.png is the same "
                         "for a classifier)")
-    p.add_argument("--output", default=None, help="write every number to this JSON file")
     p.add_argument("--save_head", default=None, help="save the trained head here (torch file of tensors)")
     extractor_args(p)
     return p

@@ -35,6 +35,26 @@ def extractor_args(parser: argparse.ArgumentParser, *, required: bool = False) -
     group.add_argument("--gpu_id", type=int, default=None)
 
 
+def protocol_args(parser: argparse.ArgumentParser, *, default_measure: str) -> None:
+    """The evaluation protocol's flags, shared by cbir-eval and cbir-classification-acc."""
+    from cbir.evaluation import MEASURES
+
+    parser.add_argument("--path", required=True, help="query folder, one sub-folder per class")
+    parser.add_argument("--measure", default=default_measure, choices=MEASURES,
+                        help=f"protocol (default: {default_measure})")
+    parser.add_argument("--repeats", type=int, default=10, help="repetitions of stat (default: 10)")
+    parser.add_argument("--max_queries", type=int, default=1000, help="random: stop just over this many queries")
+    parser.add_argument("--remove_classes", default=None,
+                        help="remove: comma-separated classes to leave out (default: the dominant classes, printed)")
+    parser.add_argument("--project_name", default=None, help="only the queries of this project")
+    parser.add_argument("--class_name", default=None, help="only the queries of this class")
+    parser.add_argument("--projects_csv", default=None, help="class,project rows where names do not follow the rule")
+    parser.add_argument("--similar", default=None, help="file of similar project pairs, one 'projA,projB' per line")
+    parser.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for confidence intervals")
+    parser.add_argument("--excel_path", default="excel_results/results.xlsx", help="separated: workbook to write")
+    parser.add_argument("--output", default=None, help="write every number to this JSON file")
+
+
 def build_extractor(args, recorded: dict | None = None):
     """The extractor the user named: a checkpoint, the frozen backbone, or the one the database records."""
     from cbir.models import create_extractor, load_extractor

@@ -7,32 +7,18 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from cbir.cli.common import build_extractor, database_args, entry_point, extractor_args
+from cbir.cli.common import build_extractor, database_args, entry_point, extractor_args, protocol_args
 from cbir.splits import add_generalise_args
 
 
 def parser() -> argparse.ArgumentParser:
-    from cbir.evaluation import MEASURES
-
     p = argparse.ArgumentParser(prog="cbir-eval", description="Measure retrieval accuracy (nine numbers + timings).")
-    p.add_argument("--path", required=True, help="query folder, one sub-folder per class")
-    p.add_argument("--measure", default="random", choices=MEASURES, help="protocol (default: random)")
+    protocol_args(p, default_measure="random")
     p.add_argument("--seed", type=int, default=0, help="seed of random and stat")
-    p.add_argument("--repeats", type=int, default=10, help="repetitions of stat (default: 10)")
-    p.add_argument("--max_queries", type=int, default=1000, help="random: stop just over this many queries")
-    p.add_argument("--remove_classes", default=None,
-                   help="remove: comma-separated classes to leave out (default: the dominant classes, printed)")
-    p.add_argument("--project_name", default=None, help="only the queries of this project")
-    p.add_argument("--class_name", default=None, help="only the queries of this class")
-    p.add_argument("--projects_csv", default=None, help="class,project rows where names do not follow the rule")
-    p.add_argument("--similar", default=None, help="file of similar project pairs, one 'projA,projB' per line")
     p.add_argument("--exclude_same", default=None,
                    help="regex with one group on the file name (slide/patient id): results sharing it are ignored")
-    p.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for confidence intervals")
-    p.add_argument("--excel_path", default="excel_results/results.xlsx", help="separated: workbook to write")
     p.add_argument("--name", default=None, help="separated: sheet name (default: the database name)")
     p.add_argument("--cms", default=None, help="folder for the confusion matrices (top-1 and majority class)")
-    p.add_argument("--output", default=None, help="write every number to this JSON file")
     p.add_argument("--nprobe", type=int, default=None, help="inverted lists searched (approximate index only)")
     p.add_argument("--map_at_r", action="store_true",
                    help="also MAP@R (asks the search for as many results as the largest class holds)")
