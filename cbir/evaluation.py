@@ -172,7 +172,8 @@ def _check_measure(measure: str) -> None:
 def dominant_classes(query_classes: Sequence[str]) -> list[str]:
     """The default classes ``remove`` drops: those holding more than twice the median class size.
 
-    When no class is that large, the single largest class (ties: the first name in sorted order), so that
+    When no class is that large, the classes of the largest size (three equally large classes are equally dominant:
+    dropping one of them by name would be arbitrary); when every class has that size, the first name, so that
     ``remove`` always differs from ``all``.
     """
     counts = Counter(str(c) for c in query_classes)
@@ -181,7 +182,10 @@ def dominant_classes(query_classes: Sequence[str]) -> list[str]:
     median = float(np.median(list(counts.values())))
     dominant = sorted(c for c, n in counts.items() if n > 2 * median)
     if not dominant:
-        dominant = [min(counts, key=lambda c: (-counts[c], c))]
+        largest = max(counts.values())
+        dominant = sorted(c for c, n in counts.items() if n == largest)
+        if len(dominant) == len(counts):
+            dominant = dominant[:1]
     return dominant
 
 
@@ -791,7 +795,7 @@ def evaluate(
         settings["max_queries"] = max_queries
     if measure == "remove":
         settings["removed_by"] = ("given" if remove_classes is not None else
-                                  "default rule: classes above twice the median class size, else the largest")
+                                  "default rule: classes above twice the median class size, else those of the largest size")
     if measure == "stat":
         settings["repeats"] = repeats
     return EvalReport(

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from cbir.database import Database, DatabaseError, list_databases
 from cbir.database.server import redis_server_executable
@@ -134,8 +136,11 @@ def redis_url(tmp_path):
          "--save", "", "--appendonly", "no", "--dir", str(folder)],
         cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    client = redis.Redis(host="127.0.0.1", port=port, password="s3cret-pw")
-    for _ in range(200):
+    # No retries: redis-py's default backs off for seconds on every refused connection.
+    client = redis.Redis(host="127.0.0.1", port=port, password="s3cret-pw", retry=Retry(NoBackoff(), 0))
+    deadline = time.monotonic() + 30
+    while True:
+        assert server.poll() is None and time.monotonic() < deadline, "the test redis-server did not start"
         try:
             client.ping()
             break
@@ -535,42 +540,60 @@ def test_a_database_written_before_the_hash_tags_is_renamed_on_open(home):
         }
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too and below 65536."""
+    while True:
+        port = free_port()
+        if port + 10000 < 65536:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+
+
 @pytest.fixture
 def redis_cluster(tmp_path):
     """A real three-node Redis Cluster on loopback ports (each node holds a third of the 16384 hash slots)."""
-    ports = [free_port() for _ in range(3)]
-    servers = []
-    for port in ports:
-        folder = tmp_path / f"cluster_{port}"
-        folder.mkdir()
-        servers.append(subprocess.Popen(
-            [redis_server_executable(), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-             "--cluster-config-file", "nodes.conf", "--save", "", "--appendonly", "no", "--dir", str(folder)],
-            cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ))  # fmt: skip
-    nodes = [redis.Redis(host="127.0.0.1", port=port) for port in ports]
-    for node in nodes:
-        for _ in range(250):
-            try:
-                node.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.02)
-    bounds = [0, 5461, 10923, 16384]
-    for i, node in enumerate(nodes):
-        node.execute_command("CLUSTER", "ADDSLOTS", *range(bounds[i], bounds[i + 1]))
-        if i:
-            node.execute_command("CLUSTER", "MEET", "127.0.0.1", ports[0])
-    deadline = time.monotonic() + 30
-    while not all(b"cluster_state:ok" in node.execute_command("CLUSTER", "INFO") for node in nodes):
-        assert time.monotonic() < deadline, "the test cluster did not form"
-        time.sleep(0.05)
-    yield [f"redis://127.0.0.1:{port}/0" for port in ports], nodes
-    for node in nodes:
-        node.close()
-    for server in servers:
-        server.terminate()
-        server.wait(timeout=10)
+    ports = [cluster_port() for _ in range(3)]
+    servers, nodes = [], []
+    try:
+        for port in ports:
+            folder = tmp_path / f"cluster_{port}"
+            folder.mkdir()
+            servers.append(subprocess.Popen(
+                [redis_server_executable(), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-config-file", "nodes.conf", "--save", "", "--appendonly", "no", "--dir", str(folder)],
+                cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))  # fmt: skip
+        # No retries: redis-py's default backs off for seconds on every refused connection.
+        nodes = [redis.Redis(host="127.0.0.1", port=port, retry=Retry(NoBackoff(), 0)) for port in ports]
+        deadline = time.monotonic() + 30
+        for server, node in zip(servers, nodes):
+            while True:
+                assert server.poll() is None, "a cluster node did not start"
+                assert time.monotonic() < deadline, "a cluster node did not answer"
+                try:
+                    node.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.02)
+        bounds = [0, 5461, 10923, 16384]
+        for i, node in enumerate(nodes):
+            node.execute_command("CLUSTER", "ADDSLOTS", *range(bounds[i], bounds[i + 1]))
+            if i:
+                node.execute_command("CLUSTER", "MEET", "127.0.0.1", ports[0])
+        while not all(b"cluster_state:ok" in node.execute_command("CLUSTER", "INFO") for node in nodes):
+            assert time.monotonic() < deadline, "the test cluster did not form"
+            time.sleep(0.05)
+        yield [f"redis://127.0.0.1:{port}/0" for port in ports], nodes
+    finally:
+        for node in nodes:
+            node.close()
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=10)
 
 
 def test_databases_spread_over_a_redis_cluster_each_on_one_node(redis_cluster, home):

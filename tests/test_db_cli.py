@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from cbir.cli import db as db_cli
 from cbir.cli.common import run
@@ -101,12 +103,11 @@ def search_while_running(db: Database, process: subprocess.Popen, files: set[str
     """Search the database over and over while ``process`` indexes into it; SIGKILL it once ``kill_at`` images are
     stored. Every answer must hold stored images only, as many as were stored before it was asked for."""
     queries = unit(np.random.default_rng(0).normal(size=(3, DIM)))
-    counts, searches = [], 0
+    searched_at = []  # the number of images stored when each search was made
     deadline = time.monotonic() + 150
     while process.poll() is None:
         assert time.monotonic() < deadline, "cbir-index did not finish in time"
         stored = len(db)
-        counts.append(stored)
         if kill_at is not None and stored >= kill_at:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=30)
@@ -115,9 +116,9 @@ def search_while_running(db: Database, process: subprocess.Popen, files: set[str
             result = db.search(queries, k=5)
             assert all(len(row) >= min(5, stored) for row in result.paths)
             assert all(path in files for row in result.paths for path in row)
-            searches += 1
+            searched_at.append(stored)
         time.sleep(0.005)
-    return counts, searches
+    return searched_at
 
 
 def test_killed_cbir_index_leaves_a_consistent_database_and_the_rerun_completes_it_exactly(tiny_collection, home,
@@ -127,10 +128,9 @@ def test_killed_cbir_index_leaves_a_consistent_database_and_the_rerun_completes_
     assert len(files) == 300
     with Database.open("photos", home=home, create=True) as watcher:  # a user searching all along
         killed = start_cbir_index(folder, weights, home, tmp_path / "first.log")
-        counts, searches = search_while_running(watcher, killed, files, kill_at=48)
+        searched_at = search_while_running(watcher, killed, files, kill_at=48)
         log = (tmp_path / "first.log").read_text()
         assert killed.returncode == -signal.SIGKILL, log
-        assert searches > 0 and len(set(counts)) >= 3  # searches answered while images kept arriving
 
         # What the kill left: whole chunks only, the same ids in Redis and FAISS, seen by another handle too.
         with Database.open("photos", home=home) as fresh:
@@ -145,9 +145,11 @@ def test_killed_cbir_index_leaves_a_consistent_database_and_the_rerun_completes_
 
         # The same command again: only what is missing is added, while searches go on.
         rerun = start_cbir_index(folder, weights, home, tmp_path / "second.log")
-        search_while_running(watcher, rerun, files)
+        searched_at += search_while_running(watcher, rerun, files)
         log = (tmp_path / "second.log").read_text()
         assert rerun.returncode == 0, log
+        # searches answered while images kept arriving (each with stored images only, checked as they ran)
+        assert len(set(searched_at)) >= 2 and min(searched_at) < 300
         assert f"indexed {300 - committed} images" in log and f"{committed} images were already stored" in log
         assert len(watcher) == 300
 
@@ -232,8 +234,10 @@ def test_cbir_db_console_script_against_a_password_protected_server(tmp_path, ho
     )  # fmt: skip
     url = f"redis://:pw-123@127.0.0.1:{free_port}/0"
     try:
-        client = redis.Redis.from_url(url)
-        for _ in range(250):
+        client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0))  # redis-py's default backs off for seconds
+        deadline = time.monotonic() + 30
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, "the test redis-server did not start"
             try:
                 client.ping()
                 break

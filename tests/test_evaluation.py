@@ -212,6 +212,8 @@ def test_dominant_classes_rule():
     classes = ["big"] * 10 + ["a"] * 2 + ["b"] * 2 + ["c"] * 3       # median 2.5: only "big" holds more than 5
     assert dominant_classes(classes) == ["big"]
     assert dominant_classes(["x", "y", "y"]) == ["y"]                   # none above 2 x median: the largest
+    assert dominant_classes(["a"] * 5 + ["b"] * 5 + ["c"] * 3) == ["a", "b"]   # ties at the largest size all go
+    assert dominant_classes(["x", "y"]) == ["x"]                        # all equal: one, so remove != all
 
 
 def test_project_and_class_restriction():
