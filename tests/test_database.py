@@ -20,6 +20,7 @@ from redis.retry import Retry
 
 from cbir.database import Database, DatabaseError, list_databases
 from cbir.database.server import redis_server_executable
+from redis_processes import live_redis_servers_under
 
 DIM = 16
 EXTRACTOR_A = {"name": "densenet", "num_features": DIM, "fingerprint": "aaaa1111bbbb2222"}
@@ -57,24 +58,6 @@ def faiss_ids(db: Database) -> set[int]:
 
 def redis_ids(db: Database) -> set[int]:
     return {image_id for image_id, _, _ in db.items()}
-
-
-def live_redis_servers_under(folder: Path) -> list[int]:
-    """Running (not zombie) redis-server processes whose working folder is inside ``folder``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if b"redis-server" not in (entry / "cmdline").read_bytes():
-                continue
-            state = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-            cwd = Path(os.readlink(entry / "cwd"))
-        except OSError:
-            continue
-        if state not in (b"Z", b"X") and (cwd == folder or folder in cwd.parents):
-            found.append(int(entry.name))
-    return found
 
 
 def run_child(code: str, home: Path, *, expect_kill: bool = False) -> None:

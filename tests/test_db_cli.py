@@ -21,6 +21,7 @@ from cbir.cli.common import run
 from cbir.data import list_images
 from cbir.database import Database
 from cbir.database.server import redis_server_executable
+from redis_processes import live_redis_servers_under
 
 BIN = Path(sys.executable).parent  # the virtual environment's bin folder, holding the console scripts
 DIM = 16
@@ -29,24 +30,6 @@ EXTRACTOR = {"name": "effnet", "num_features": DIM, "fingerprint": "0123456789ab
 
 def unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def live_redis_servers_under(folder: Path) -> list[int]:
-    """Running (not zombie) redis-server processes whose working folder is inside ``folder``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if b"redis-server" not in (entry / "cmdline").read_bytes():
-                continue
-            state = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-            cwd = Path(os.readlink(entry / "cwd"))
-        except OSError:
-            continue
-        if state not in (b"Z", b"X") and (cwd == folder or folder in cwd.parents):
-            found.append(int(entry.name))
-    return found
 
 
 def redis_and_faiss_ids(db: Database) -> tuple[set[int], set[int]]:

@@ -1,0 +1,24 @@
+"""Finding the redis-server processes a test left running (the embedded server must stop with its last user)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def live_redis_servers_under(folder: Path) -> list[int]:
+    """Running (not zombie) redis-server processes whose working folder is inside ``folder``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if b"redis-server" not in (entry / "cmdline").read_bytes():
+                continue
+            state = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+            cwd = Path(os.readlink(entry / "cwd"))
+        except OSError:
+            continue
+        if state not in (b"Z", b"X") and (cwd == folder or folder in cwd.parents):
+            found.append(int(entry.name))
+    return found
