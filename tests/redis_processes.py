@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+
+import pytest
 
 
 def live_redis_servers_under(folder: Path) -> list[int]:
@@ -22,3 +25,13 @@ def live_redis_servers_under(folder: Path) -> list[int]:
         if state not in (b"Z", b"X") and (cwd == folder or folder in cwd.parents):
             found.append(int(entry.name))
     return found
+
+
+@pytest.fixture(autouse=True)
+def no_server_left_behind(tmp_path):
+    """Every test of a module that imports this must leave no redis-server running under its folder."""
+    yield
+    deadline = time.monotonic() + 5
+    while live_redis_servers_under(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert live_redis_servers_under(tmp_path) == []

@@ -20,7 +20,7 @@ from redis.retry import Retry
 
 from cbir.database import Database, DatabaseError, list_databases
 from cbir.database.server import redis_server_executable
-from redis_processes import live_redis_servers_under
+from redis_processes import live_redis_servers_under, no_server_left_behind  # noqa: F401 — autouse fixture
 
 DIM = 16
 EXTRACTOR_A = {"name": "densenet", "num_features": DIM, "fingerprint": "aaaa1111bbbb2222"}
@@ -90,22 +90,10 @@ def free_port() -> int:
 
 
 # --- fixtures --------------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def no_server_left_behind(tmp_path):
-    """Every test must leave no redis-server running."""
-    yield
-    deadline = time.monotonic() + 5
-    while live_redis_servers_under(tmp_path) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert live_redis_servers_under(tmp_path) == []
-
-
 @pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    home = tmp_path / "cbir_home"
-    monkeypatch.setenv("CBIR_HOME", str(home))
-    monkeypatch.delenv("CBIR_REDIS_URL", raising=False)
-    return home
+def home(private_home) -> Path:
+    """The test's own CBIR_HOME (conftest's private_home), under the name these tests use."""
+    return private_home
 
 
 @pytest.fixture

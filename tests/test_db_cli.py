@@ -21,7 +21,7 @@ from cbir.cli.common import run
 from cbir.data import list_images
 from cbir.database import Database
 from cbir.database.server import redis_server_executable
-from redis_processes import live_redis_servers_under
+from redis_processes import no_server_left_behind  # noqa: F401 — an autouse fixture
 
 BIN = Path(sys.executable).parent  # the virtual environment's bin folder, holding the console scripts
 DIM = 16
@@ -38,21 +38,10 @@ def redis_and_faiss_ids(db: Database) -> tuple[set[int], set[int]]:
     return {image_id for image_id, _, _ in db.items()}, in_faiss
 
 
-@pytest.fixture(autouse=True)
-def no_server_left_behind(tmp_path):
-    yield
-    deadline = time.monotonic() + 5
-    while live_redis_servers_under(tmp_path) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert live_redis_servers_under(tmp_path) == []
-
-
 @pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    home = tmp_path / "cbir_home"
-    monkeypatch.setenv("CBIR_HOME", str(home))
-    monkeypatch.delenv("CBIR_REDIS_URL", raising=False)
-    return home
+def home(private_home) -> Path:
+    """The test's own CBIR_HOME (conftest's private_home), under the name these tests use."""
+    return private_home
 
 
 # --- the real cbir-index, killed and re-run --------------------------------------------------------------------
