@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 
 
 def live_redis_servers_under(folder: Path) -> list[int]:
@@ -25,6 +26,18 @@ def live_redis_servers_under(folder: Path) -> list[int]:
         if state not in (b"Z", b"X") and (cwd == folder or folder in cwd.parents):
             found.append(int(entry.name))
     return found
+
+
+def wait_until_serving(server, client, seconds: float = 30) -> None:
+    """Ping a redis-server started by a test until it answers; fail at once if its process ends."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert server.poll() is None and time.monotonic() < deadline, "the test redis-server did not start"
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            time.sleep(0.02)
 
 
 @pytest.fixture(autouse=True)

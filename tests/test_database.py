@@ -20,7 +20,7 @@ from redis.retry import Retry
 
 from cbir.database import Database, DatabaseError, list_databases
 from cbir.database.server import redis_server_executable
-from redis_processes import live_redis_servers_under, no_server_left_behind  # noqa: F401 — autouse fixture
+from redis_processes import live_redis_servers_under, no_server_left_behind, wait_until_serving  # noqa: F401 — autouse fixture
 
 DIM = 16
 EXTRACTOR_A = {"name": "densenet", "num_features": DIM, "fingerprint": "aaaa1111bbbb2222"}
@@ -109,14 +109,7 @@ def redis_url(tmp_path):
     )  # fmt: skip
     # No retries: redis-py's default backs off for seconds on every refused connection.
     client = redis.Redis(host="127.0.0.1", port=port, password="s3cret-pw", retry=Retry(NoBackoff(), 0))
-    deadline = time.monotonic() + 30
-    while True:
-        assert server.poll() is None and time.monotonic() < deadline, "the test redis-server did not start"
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.02)
+    wait_until_serving(server, client)
     yield f"redis://:s3cret-pw@127.0.0.1:{port}/0"
     client.close()
     server.terminate()

@@ -21,7 +21,7 @@ from cbir.cli.common import run
 from cbir.data import list_images
 from cbir.database import Database
 from cbir.database.server import redis_server_executable
-from redis_processes import no_server_left_behind  # noqa: F401 — an autouse fixture
+from redis_processes import no_server_left_behind, wait_until_serving  # noqa: F401 — an autouse fixture
 
 BIN = Path(sys.executable).parent  # the virtual environment's bin folder, holding the console scripts
 DIM = 16
@@ -207,14 +207,7 @@ def test_cbir_db_console_script_against_a_password_protected_server(tmp_path, ho
     url = f"redis://:pw-123@127.0.0.1:{free_port}/0"
     try:
         client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0))  # redis-py's default backs off for seconds
-        deadline = time.monotonic() + 30
-        while True:
-            assert server.poll() is None and time.monotonic() < deadline, "the test redis-server did not start"
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.02)
+        wait_until_serving(server, client)
         fill("shared", 10, redis_url=url)
         script = str(BIN / "cbir-db")
         done = subprocess.run([script, "info", "--db_name", "shared", "--json", "--redis_url", url, "--home",
