@@ -58,6 +58,28 @@ def iter_embeddings(extractor, samples: list[Sample], *, batch_size: int = 32, n
             yield [samples[i] for i in indices.tolist()], vectors, time.perf_counter() - start
 
 
+def embedding_search(extractor, answer, *, batch_size: int = 32, num_workers: int | None = None):
+    """``search(paths) -> (result paths, result classes, timings)``, the shape :func:`cbir.evaluation.evaluate`
+    calls: the queries are embedded, then ``answer(vectors) -> (paths per row, classes per row)`` answers them.
+
+    Timings per batch: ``model`` (forward passes), ``transfer`` (decoding, resizing and moving images: the rest of
+    embedding), ``search`` (the answer). An unreadable query gets no results and so counts as a miss.
+    """
+
+    def search(paths: list[str]):
+        embedded = embed(extractor, [Sample(p, "") for p in paths], batch_size=batch_size, num_workers=num_workers)
+        start = time.perf_counter()
+        found_paths, found_classes = answer(embedded.vectors) if embedded.samples else ([], [])
+        seconds_search = time.perf_counter() - start
+        row = {s.path: i for i, s in enumerate(embedded.samples)}
+        timings = {"model": embedded.seconds_model, "transfer": embedded.seconds_total - embedded.seconds_model,
+                   "search": seconds_search}
+        return ([found_paths[row[p]] if p in row else [] for p in paths],
+                [found_classes[row[p]] if p in row else [] for p in paths], timings)
+
+    return search
+
+
 def embed(extractor, samples: list[Sample], **kwargs) -> Embeddings:
     """All vectors of ``samples`` at once (queries, evaluation); indexing streams with :func:`iter_embeddings`."""
     start = time.perf_counter()

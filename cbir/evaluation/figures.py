@@ -1,4 +1,7 @@
-"""Confusion matrices of an evaluation: the query's class against the class retrieval answered."""
+"""Confusion matrices of an evaluation: the query's class against the class retrieval answered.
+
+matplotlib is imported only when a matrix is drawn: ``cbir-eval`` without ``--cms`` never loads it.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ def confusion_counts(per_query: Iterable[Sequence[Any]], column: int) -> tuple[l
 
 
 def _draw(labels: list[str], counts: np.ndarray, name: str, xlabel: str, target: Path) -> Path:
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state (see the module doc)
 
     row_sums = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, row_sums, out=np.zeros(counts.shape), where=row_sums > 0)
