@@ -382,7 +382,8 @@ def run_kmeans(inputs: ClusterInput | None, out_dir: str | Path, *, n_clusters: 
                batch_size: int = 1024) -> KMeansRun:
     """Fit (or reuse, see ``load``) the clusters of ``inputs`` and write the model, labels and figures."""
     if load not in LOAD_MODES:
-        raise ParameterError(f"{{load}} must be 'complete' or 'partial' (or left out to fit anew), got {load!r}", "load")
+        raise ParameterError(f"{{load}} must be 'complete' or 'partial' (or left out to fit anew), got {load!r}",
+                             "load")
     out_dir = Path(out_dir)
     labels_path = out_dir / LABELS_FILE
 

@@ -253,8 +253,8 @@ def check_generalise(mode: int, *, cluster_labels: Any = None, split_file: Any =
     """The ``generalise`` mode and the inputs it takes: labels with mode 3 only, a split file with 1 or 2 only."""
     _check_mode(mode)
     if mode == 3 and not cluster_labels:
-        raise ParameterError("{generalise} 3 replaces classes by k-means clusters: give {cluster_labels} (from cbir-kmeans)",
-                             "generalise", "cluster_labels")
+        raise ParameterError("{generalise} 3 replaces classes by k-means clusters: give {cluster_labels} (from "
+                             "cbir-kmeans)", "generalise", "cluster_labels")
     if cluster_labels and mode != 3:
         raise ParameterError("{cluster_labels} is used with {generalise} 3 only", "cluster_labels", "generalise")
     if split_file and mode not in (1, 2):
@@ -338,8 +338,8 @@ def classes_for(split: str, all_classes: list[str], mode: int, *, seed: int = 0,
     if not chosen:
         where = f"split file {split_file}" if split_file else "the split"
         side = "train" if split == "train" else "index/query"
-        raise ParameterError(f"{{generalise}} {mode} leaves no {side} class among the {len(classes)} classes of the data "
-                             f"({where}); check that the file names classes of this data set", "generalise")
+        raise ParameterError(f"{{generalise}} {mode} leaves no {side} class among the {len(classes)} classes of the "
+                             f"data ({where}); check that the file names classes of this data set", "generalise")
     return chosen
 
 

@@ -14,15 +14,16 @@ def parser() -> argparse.ArgumentParser:
     p = command_parser(
         "cbir-classification-acc",
         "Train a linear classification head on the extractor's (frozen) features of --training_data, "
-                    "then score its predictions on --path at the class, project and similar levels by the "
-                    "retrieval protocols. top-5: the true class among the 5 highest logits; maj is n/a.",
+        "then score its predictions on --path at the class, project and similar levels by the "
+        "retrieval protocols. top-5: the true class among the 5 highest logits; maj is n/a.",
     )
     p.add_argument("--training_data", required=True, help="folder with one sub-folder per class (the head's data)")
     protocol_args(p, default_measure="all")
     p.add_argument("--num_epochs", type=at_least(1), default=30, help="epochs of the head (default 30)")
     p.add_argument("--lr", type=positive, default=1e-2, help="learning rate of the head (default 1e-2)")
     p.add_argument("--decay", type=non_negative, default=1e-4, help="weight decay of the head (default 1e-4)")
-    p.add_argument("--head_batch_size", type=at_least(1), default=64, help="batch size of the head's training (default 64)")
+    p.add_argument("--head_batch_size", type=at_least(1), default=64,
+                   help="batch size of the head's training (default 64)")
     p.add_argument("--name", default="classifier", help="separated: sheet name (default: classifier)")
     p.add_argument("--save_head", default=None, help="save the trained head here (torch file of tensors)")
     extractor_args(p)
@@ -41,6 +42,7 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     maps = check(args)
 
+    # Heavy parts (torch, FAISS, pandas) load only now, after the flags are checked: bad flags answer at once.
     import torch
 
     from cbir.classification import classification_accuracy

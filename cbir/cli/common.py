@@ -177,7 +177,8 @@ def build_extractor(args, recorded: dict | None = None):
     from cbir.models import create_extractor, load_extractor
 
     if args.weights:
-        return load_extractor(args.weights, model=args.extractor, num_features=args.num_features, dr_model=args.dr_model)
+        return load_extractor(args.weights, model=args.extractor, num_features=args.num_features,
+                              dr_model=args.dr_model)
     if args.extractor and args.num_features == 0:
         return create_extractor(args.extractor, 0, pretrained=True).eval()
     if recorded:

@@ -14,6 +14,7 @@ from cbir.cli import evaluate, index, retrieve, train, train_index
 from cbir.cli.common import at_least, command_parser, entry_point
 from cbir.files import check_output_folder
 from cbir.errors import CbirError
+from cbir.synthetic import make_dataset
 
 
 def parser() -> argparse.ArgumentParser:
@@ -33,8 +34,6 @@ def step(title: str, command, argv: list[str]) -> None:
 
 
 def main(argv=None) -> None:
-    from cbir.synthetic import make_dataset
-
     args = parser().parse_args(argv)
     out = check_output_folder(args.out, "out")
     if out.exists() and not (out / "data").is_dir() and any(out.iterdir()):

@@ -44,6 +44,7 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     maps, cluster_labels = check(args)
 
+    # Heavy parts (torch, FAISS, pandas) load only now, after the flags are checked: bad flags answer at once.
     from cbir.data import list_samples
     from cbir.database import Database
     from cbir.evaluation import evaluate, plot_confusion_matrices, results_to_request, write_excel_sheet

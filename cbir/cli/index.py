@@ -43,6 +43,7 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     existed = check(args)
 
+    # Heavy parts (torch, FAISS, pandas) load only now, after the flags are checked: bad flags answer at once.
     from cbir.data import list_images
     from cbir.database import Database
     from cbir.indexing import index_images

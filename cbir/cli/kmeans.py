@@ -14,15 +14,16 @@ def parser() -> argparse.ArgumentParser:
     p = command_parser(
         "cbir-kmeans",
         "MiniBatchKMeans (k-means++) on the embeddings of a database (default) or of a folder "
-                    "(--path with --weights), or on raw pixels (--pixels). Writes the centres (.npy), the image -> "
-                    "cluster labels (JSON), the elbow and silhouette plots into --out.",
+        "(--path with --weights), or on raw pixels (--pixels). Writes the centres (.npy), the image -> "
+        "cluster labels (JSON), the elbow and silhouette plots into --out.",
     )
     p.add_argument("--path", default=None,
                    help="a folder of images (class folders or flat) to embed with --weights (default: the extractor "
                         "of database --db_name); without --path the database's stored vectors are clustered")
     p.add_argument("--pixels", action="store_true",
                    help="cluster raw pixels (as the thesis did) of --path's images, or of the database's images")
-    p.add_argument("--pixel_size", type=at_least(1), default=224, help="with --pixels: resize to this square (default 224)")
+    p.add_argument("--pixel_size", type=at_least(1), default=224,
+                   help="with --pixels: resize to this square (default 224)")
     p.add_argument("--n_clusters", type=at_least(2), default=10, help="number of clusters (default 10)")
     p.add_argument("--elbow_range", default="2:20",
                    help="k values of the elbow and silhouette plots: START:STOP[:STEP] (inclusive), 'k1,k2,...', "
@@ -51,6 +52,7 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     check(args)
 
+    # Heavy parts (torch, FAISS, pandas) load only now, after the flags are checked: bad flags answer at once.
     from cbir.data import Sample, list_images
     from cbir.database import Database
     from cbir.kmeans import embeddings_from_database, embeddings_from_folder, pixels_of, run_kmeans

@@ -16,7 +16,7 @@ def parser() -> argparse.ArgumentParser:
     p = command_parser(
         "cbir-reconstruct",
         "Write each image next to its reconstruction by an autoencoder checkpoint "
-                    "(vae, auto, vgg16, vgg11, resnet18, resnet50).")
+        "(vae, auto, vgg16, vgg11, resnet18, resnet50).")
     p.add_argument("--weights", required=True, help="autoencoder checkpoint written by cbir-train")
     p.add_argument("--path", required=True, help="an image, a folder of images, or a folder of class folders")
     p.add_argument("--out", default="reconstructions", help="where the PNGs go (default: reconstructions)")
@@ -43,6 +43,11 @@ def side_by_side(original, rebuilt):
 
 
 def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    check_input_file(args.weights, "weights")
+    out = check_output_folder(args.out, "out")
+
+    # Heavy parts (torch, FAISS, pandas) load only now, after the flags are checked: bad flags answer at once.
     import torch
     from PIL import Image
 
@@ -52,9 +57,6 @@ def main(argv=None) -> None:
     from cbir.models.extractor import extractor_from_checkpoint, reconstructing_models
     from cbir.models.registry import get_backbone
 
-    args = parser().parse_args(argv)
-    check_input_file(args.weights, "weights")
-    out = check_output_folder(args.out, "out")
     payload = read_checkpoint(args.weights)
     config = payload["config"]
     # Refuse before building the model: a classifier checkpoint can be hundreds of megabytes of wasted work.

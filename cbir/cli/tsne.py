@@ -13,7 +13,7 @@ def parser() -> argparse.ArgumentParser:
     p = command_parser(
         "cbir-tsne",
         "2-d t-SNE (scikit-learn) of the vectors stored in a database, coloured by class; with "
-                    "--cluster_labels a second panel coloured by k-means cluster. Writes a PNG.",
+        "--cluster_labels a second panel coloured by k-means cluster. Writes a PNG.",
     )
     p.add_argument("--out", default=None, help="PNG to write (default: tsne_<db_name>.png)")
     p.add_argument("--cluster_labels", default=None,
@@ -38,6 +38,7 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     out, labels = check(args)
 
+    # Heavy parts (torch, FAISS, pandas) load only now, after the flags are checked: bad flags answer at once.
     from cbir.database import Database
     from cbir.tsne import tsne_of_database
 

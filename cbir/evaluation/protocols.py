@@ -78,12 +78,13 @@ def _restrict(classes: list[str], project_name: str | None, class_name: str | No
         indices = [i for i in indices if maps.project(classes[i]) == project_name]
         if not indices:
             known = sorted({maps.project(c) for c in classes})
-            raise ParameterError(f"no query of {{project_name}} {project_name!r} (projects: {', '.join(known)})", "project_name")
+            raise ParameterError(f"no query of {{project_name}} {project_name!r} (projects: {', '.join(known)})",
+                                 "project_name")
     if class_name is not None:
         indices = [i for i in indices if classes[i] == class_name]
         if not indices:
-            raise ParameterError(f"no query of {{class_name}} {class_name!r} (classes: {', '.join(sorted(set(classes)))})",
-                                 "class_name")
+            known = ", ".join(sorted(set(classes)))
+            raise ParameterError(f"no query of {{class_name}} {class_name!r} (classes: {known})", "class_name")
     return indices
 
 
