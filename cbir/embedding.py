@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -11,12 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cbir.data import ImageDataset, Sample, collate_skipping
-
-
-def default_workers() -> int:
-    # One core is left to the model; the workers only decode and resize.
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+from cbir.data import ImageDataset, Sample, collate_skipping, default_workers
 
 
 def pick_device(gpu_id: int | None = None) -> torch.device:

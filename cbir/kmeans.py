@@ -35,7 +35,7 @@ from sklearn.cluster import MiniBatchKMeans
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 from sklearn.metrics.cluster import contingency_matrix
 
-from cbir.data import UnreadableImage, load_image
+from cbir.data import UnreadableImage, decoding_threads, load_image
 from cbir.embedding import embed
 from cbir.errors import CbirError, ParameterError
 from cbir.files import atomic_path, write_text_atomically
@@ -127,7 +127,7 @@ def pixels_of(samples, pixel_size: int = 224, *, absolute: bool = True, workers:
         readable[i] = True
 
     # Decoding and resizing release the GIL; threads keep the rows in place without copies.
-    with ThreadPoolExecutor(max_workers=workers or max(1, min(4, os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(max_workers=workers or decoding_threads()) as pool:
         list(pool.map(load, range(len(samples))))
     if not readable.any():
         raise CbirError(f"none of the {len(samples)} images could be read")

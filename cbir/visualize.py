@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,8 +22,8 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from cbir.data import (IMAGENET_MEAN, IMAGENET_STD, Sample, UnreadableImage, build_transform, is_image_file,
-                       list_samples, load_image)
+from cbir.data import (IMAGENET_MEAN, IMAGENET_STD, Sample, UnreadableImage, build_transform, decoding_threads,
+                       is_image_file, list_samples, load_image)
 from cbir.errors import CbirError
 from cbir.labels import balanced_rounds, project_of
 from cbir.plots import wrap_name
@@ -130,10 +129,6 @@ def _thumbnail(path: str, size: int) -> np.ndarray | None:
     return np.asarray(image.resize((size, size), Image.BILINEAR), dtype=np.float64) / 255.0
 
 
-def _workers() -> int:
-    return max(1, min(4, (os.cpu_count() or 1)))
-
-
 def compute_stats(root: str | Path, *, max_per_class: int | None = 200, thumbnail: int = 64, seed: int = 0
                   ) -> DatasetStats:
     """Counts of every image; sizes and pixel statistics of up to ``max_per_class`` images per class and split."""
@@ -146,7 +141,7 @@ def compute_stats(root: str | Path, *, max_per_class: int | None = 200, thumbnai
             stats.counts.setdefault(cls, {})[split] = counted.get(cls, 0)
 
     sampled = [(split, s) for split, samples in splits.items() for s in _sample_per_class(samples, max_per_class, seed)]
-    with ThreadPoolExecutor(_workers()) as pool:
+    with ThreadPoolExecutor(decoding_threads()) as pool:
         sizes = list(pool.map(lambda item: _header_size(item[1].path), sampled))
         thumbs = list(pool.map(lambda item: _thumbnail(item[1].path, thumbnail), sampled))
     sums: dict[str, np.ndarray] = {}
