@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
-from openpyxl.styles import Alignment, Font, PatternFill
-from openpyxl.utils import get_column_letter
 
 from cbir.errors import CbirError, ParameterError
 from cbir.evaluation.scoring import HEADLINE_KEYS
@@ -152,6 +150,10 @@ def eval_columns(report: dict) -> dict[str, Any]:
 
 
 def _style(sheet, columns: list[tuple[str, str]], n_rows: int) -> None:
+    # openpyxl is loaded here, as pandas loads it: only when a workbook is written (not by every cbir-eval).
+    from openpyxl.styles import Alignment, Font, PatternFill
+    from openpyxl.utils import get_column_letter
+
     fills = ("DDEBF7", "E2EFDA")
     start = 0
     for block, group in enumerate(dict.fromkeys(g for g, _ in columns)):
