@@ -317,7 +317,8 @@ def classes_for(split: str, all_classes: list[str], mode: int, *, seed: int = 0,
     one per line), the file's classes are the mode-1 train half and every other class the test half.
     """
     if split not in SPLITS:
-        raise ValueError(f"split must be 'train' or 'test' (index and query use 'test'), got {split!r}")
+        raise ParameterError(f"{{split}} must be 'train' or 'test' (index and query use 'test'), got {split!r}",
+                             "split")
     _check_mode(mode)
     classes = sorted(set(str(c) for c in all_classes))
     if not classes:

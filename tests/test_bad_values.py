@@ -103,6 +103,7 @@ def test_outputs_of_the_wrong_kind_are_refused_before_any_work(capsys, tmp_path,
     assert list_databases(home=private_home) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, message", [
     (lambda p: p["config"].pop("model"), "'model'"),
     (lambda p: p["config"].__setitem__("num_features", "eight"), "'num_features'"),
@@ -157,6 +158,7 @@ def test_index_without_an_extractor_on_a_new_name_creates_nothing(capsys, synthe
     assert list_databases(home=private_home) == [] and not (private_home / "fresh").exists()
 
 
+@pytest.mark.slow
 def test_rewrite_with_no_readable_file_keeps_the_database(capsys, tmp_path, checkpoint, synthetic_data,
                                                           private_home):
     home = ["--home", str(private_home), "--num_workers", "0"]
@@ -179,6 +181,7 @@ def test_rewrite_with_no_readable_file_keeps_the_database(capsys, tmp_path, chec
     assert list_databases(home=private_home) == ["db"]
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_ends_a_command_quietly(tmp_path):
     home = tmp_path / "home"
     with Database.open("piped", home=home, create=True) as db:

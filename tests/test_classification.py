@@ -64,6 +64,7 @@ def test_scores_are_the_head_predictions_counted_by_hand(result, checkpoint, syn
     assert result.report.scores["project_top1"] == pytest.approx(sum(project_hits) / len(hits))
 
 
+@pytest.mark.slow
 def test_protocols_apply_to_the_classifier(checkpoint, synthetic_data):
     extractor = load_extractor(checkpoint)
     train, queries = list_samples(synthetic_data["train"]), list_samples(synthetic_data["query"])
@@ -96,6 +97,7 @@ def test_train_head_separates_separable_vectors_and_its_state_reloads_safely(tmp
     assert [row[0] for row in again.predict(features)] == labels
 
 
+@pytest.mark.slow
 def test_cli_writes_numbers_sheet_matrices_and_head(checkpoint, synthetic_data, tmp_path, capsys):
     excel, output, head, cms = tmp_path / "r.xlsx", tmp_path / "clf.json", tmp_path / "head.pt", tmp_path / "cms"
     code = run(classification_acc.main, [
@@ -121,6 +123,7 @@ def test_cli_writes_numbers_sheet_matrices_and_head(checkpoint, synthetic_data, 
         assert figure.format == "PNG"
 
 
+@pytest.mark.slow
 def test_cli_on_frozen_pooled_features(synthetic_data, tmp_path, capsys):
     # No head in the extractor: the ImageNet backbone's pooled features (1280-d for EfficientNet-Lite0), at 48 px
     # for speed (--extractor effnet --num_features 0 gives the same features at the backbone's 224 px).

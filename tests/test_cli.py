@@ -40,6 +40,7 @@ def count(db_name: str, home_dir) -> int:
         return len(db)
 
 
+@pytest.mark.slow
 def test_training_writes_a_self_describing_checkpoint_a_loss_curve_and_a_log(trained):
     payload = torch.load(trained, weights_only=True)
     assert payload["config"]["model"] == "effnet" and payload["config"]["embedding_size"] == 128
@@ -50,6 +51,7 @@ def test_training_writes_a_self_describing_checkpoint_a_loss_curve_and_a_log(tra
     assert [row["epoch"] for row in rows] == [1, 2] and all(row["loss"] > 0 for row in rows)
 
 
+@pytest.mark.slow
 def test_index_retrieve_and_evaluate(trained, synthetic_data, home, private_home, tmp_path, capsys):
     assert run(index.main, ["--path", str(synthetic_data["index"]), "--weights", str(trained), "--num_workers", "0",
                             *home]) == 0
@@ -102,6 +104,7 @@ def test_index_retrieve_and_evaluate(trained, synthetic_data, home, private_home
     assert first["scores"] == second["scores"] and first["n_queries"] == second["n_queries"] >= 5
 
 
+@pytest.mark.slow
 def test_bad_files_are_skipped_and_reported_while_the_rest_is_indexed(trained, mixed_folder, home, private_home,
                                                                       capsys):
     assert run(index.main, ["--path", str(mixed_folder["root"]), "--weights", str(trained), "--num_workers", "0",
@@ -113,6 +116,7 @@ def test_bad_files_are_skipped_and_reported_while_the_rest_is_indexed(trained, m
         assert name in out
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line_and_lose_nothing(trained, synthetic_data, home, private_home, tmp_path, capsys):
     assert run(index.main, ["--path", str(synthetic_data["index"] / "shapes_disc"), "--weights", str(trained),
                             "--num_workers", "0", *home]) == 0
@@ -138,6 +142,7 @@ def test_user_errors_are_one_line_and_lose_nothing(trained, synthetic_data, home
     assert count("db", private_home) == stored
 
 
+@pytest.mark.slow
 def test_rewrite_empties_only_the_named_database(trained, synthetic_data, home, private_home):
     for name, folder in (("first", "shapes_disc"), ("second", "shapes_ring")):
         assert run(index.main, ["--path", str(synthetic_data["index"] / folder), "--weights", str(trained),
@@ -159,6 +164,7 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_frozen_imagenet_features_retrieve_the_synthetic_classes(synthetic_data, home, tmp_path):
     """The pipeline itself (embed, store, search, map ids back to classes) on features that need no training:
     a mix-up of ids, paths or classes anywhere would bring class top-1 down to chance (0.25)."""

@@ -357,6 +357,7 @@ os.kill(os.getpid(), signal.SIGKILL)  # dies before saving FAISS, without any cl
 """
 
 
+@pytest.mark.slow
 def test_open_repairs_a_missing_or_stale_faiss_file_after_a_crash(home):
     vectors, classes = clustered(100, seed=11)
     paths = paths_for(100)
@@ -395,6 +396,7 @@ def test_open_repairs_a_missing_or_stale_faiss_file_after_a_crash(home):
         assert len(db) == 200 and redis_ids(db) == faiss_ids(db)
 
 
+@pytest.mark.slow
 def test_search_sees_images_added_by_another_process(home):
     vectors, classes = clustered(100, seed=13)
     with Database.open("db", create=True) as db:
@@ -455,6 +457,7 @@ def test_drop_forgets_the_database(home):
         Database.open("gone")
 
 
+@pytest.mark.slow
 def test_two_indexers_on_one_new_database_both_succeed(home):
     writer = """
     import time
@@ -561,6 +564,7 @@ def redis_cluster(tmp_path):
             server.wait(timeout=10)
 
 
+@pytest.mark.slow
 def test_databases_spread_over_a_redis_cluster_each_on_one_node(redis_cluster, home):
     urls, nodes = redis_cluster
     vectors, classes = clustered(300, seed=16)
@@ -648,6 +652,7 @@ def tls_url(redis_url, tmp_path):
             s.close()
 
 
+@pytest.mark.slow
 def test_tls_url_works_and_an_untrusted_certificate_is_one_line(tls_url, home):
     url, cert = tls_url
     vectors, classes = clustered(30, seed=17)

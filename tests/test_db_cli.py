@@ -93,6 +93,7 @@ def search_while_running(db: Database, process: subprocess.Popen, files: set[str
     return searched_at
 
 
+@pytest.mark.slow
 def test_killed_cbir_index_leaves_a_consistent_database_and_the_rerun_completes_it_exactly(tiny_collection, home,
                                                                                           tmp_path):
     folder, weights = tiny_collection
@@ -196,6 +197,7 @@ def test_cbir_db_lists_describes_removes_and_drops(home, capsys):
         "first\n"
 
 
+@pytest.mark.slow
 def test_cbir_db_console_script_against_a_password_protected_server(tmp_path, home, free_port):
     folder = tmp_path / "external_redis"
     folder.mkdir()

@@ -27,6 +27,8 @@ from cbir.evaluation import HEADLINE_KEYS, LEVELS
 from cbir.models import create_extractor, load_extractor, save_extractor
 from cbir.labels import classes_for
 
+pytestmark = pytest.mark.slow  # every test shares a fixture that trains an extractor and indexes
+
 CLASSES = ["shapes_disc", "shapes_ring", "texture_checker", "texture_stripes"]
 
 
@@ -228,4 +230,5 @@ def test_generalise_1_indexes_and_queries_the_test_half(setup, tmp_path, capsys)
     capsys.readouterr()
     assert run(evaluate.main, ["--path", str(setup["query"]), "--home", str(setup["home"]), "--generalise", "1",
                                "--split_file", str(tmp_path / "missing.txt")]) == 2
-    assert "split file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--split_file" in err and "does not exist" in err

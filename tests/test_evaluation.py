@@ -453,6 +453,7 @@ def test_confusion_counts_are_read_off_the_table():
     assert labels == [A, B, "(none)"] and counts.tolist() == [[0, 0, 1], [0, 1, 0], [0, 0, 0]]
 
 
+@pytest.mark.slow
 def test_confusion_matrices_are_drawn(tmp_path):
     report, _ = run(measure="all")
     written = plot_confusion_matrices(report.per_query, tmp_path / "cms")

@@ -85,6 +85,7 @@ def test_the_registry_holds_every_thesis_extractor_and_each_has_a_test():
     assert check_model_name("timm:resnet18") == "timm:resnet18"
 
 
+@pytest.mark.slow
 def test_the_model_table_gives_size_input_parameters_and_weights_source():
     rows = {row["name"]: row for row in describe_models(num_features=128)}
     assert set(rows) == THESIS_MODELS
@@ -102,6 +103,7 @@ def test_the_model_table_gives_size_input_parameters_and_weights_source():
         assert meaning in next(line for line in table.splitlines() if line.split()[0] == name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_extractor_trains_saves_reloads_and_finds_itself(name, tiles, tmp_path):
     size = TINY[name]
@@ -156,6 +158,7 @@ def test_self_trained_models_embed_their_own_code_not_a_head():
         create_extractor("vae", dr_model=True, pretrained=False, input_size=32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vae", "auto", "vgg11"])
 def test_autoencoders_see_and_rebuild_images_in_0_1(name):
     extractor = create_extractor(name, pretrained=False, input_size=32).eval()
@@ -173,6 +176,7 @@ def test_only_autoencoders_reconstruct():
         create_extractor("effnet", 8, pretrained=False, input_size=32).training_loss(torch.rand(2, 3, 32, 32))
 
 
+@pytest.mark.slow
 def test_freeze_trains_the_head_only_and_keeps_batchnorm_still(tiles):
     extractor = create_extractor("resnet", 8, pretrained=False, input_size=32)
     extractor.freeze_backbone()
@@ -194,6 +198,7 @@ def kimianet_layout(tmp_path):
     return tmp_path / "KimiaNetPyTorchWeights.pth", state
 
 
+@pytest.mark.slow
 def test_knet_loads_kimianets_published_file_and_keeps_it_frozen(tmp_path, tiles):
     path, state = kimianet_layout(tmp_path)
     extractor = create_extractor("knet", 8, pretrained=True, weights_file=str(path), input_size=32)
@@ -207,6 +212,7 @@ def test_knet_loads_kimianets_published_file_and_keeps_it_frozen(tmp_path, tiles
     assert all(torch.equal(v, backbone_before[k]) for k, v in extractor.backbone.state_dict().items())
 
 
+@pytest.mark.slow
 def test_knet_without_or_with_a_wrong_file_says_what_to_do(tmp_path):
     with pytest.raises(CbirError, match="knet needs KimiaNet's weight file: pass --pretrained_weights"):
         create_extractor("knet", pretrained=True)
@@ -227,6 +233,7 @@ def test_missing_pretrained_weights_offline_are_one_line(tmp_path, monkeypatch):
             create_extractor(name, pretrained=True, input_size=32)
 
 
+@pytest.mark.slow
 def test_timm_model_takes_pretrained_weights_from_a_local_file(tmp_path):
     import timm
 
@@ -241,6 +248,7 @@ def test_timm_model_takes_pretrained_weights_from_a_local_file(tmp_path):
         create_extractor("timm:not_a_model", pretrained=False)
 
 
+@pytest.mark.slow
 def test_a_foundation_model_folder_loads_and_its_checkpoint_no_longer_needs_it(tmp_path, tiles):
     """UNI-style: a folder with timm's config.json (architecture + model arguments) and the weights."""
     import shutil
@@ -334,6 +342,7 @@ def test_timm_weights_come_from_the_hugging_face_cache_without_network(tmp_path,
         create_extractor("timm:hf-hub:lab/other", pretrained=True)
 
 
+@pytest.mark.slow
 def test_cvt_loads_the_published_transformers_checkpoint(tmp_path):
     from safetensors.torch import save_file
     from transformers import CvtConfig, CvtForImageClassification

@@ -61,6 +61,7 @@ def clustered_db():
     return {"name": "tiny", "paths": paths, "classes": classes}
 
 
+@pytest.mark.slow
 def test_tsne_map_keeps_classes_apart_and_draws_both_panels(clustered_db, tmp_path, capsys):
     from cbir.tsne import tsne_of_database
 
@@ -124,6 +125,7 @@ FIGURES = ("samples_grid.png", "images_per_class.png", "images_per_split.png", "
            "pixel_stats.png", "augmentation_preview.png")
 
 
+@pytest.mark.slow
 def test_visualize_split_folders(synthetic_data, tmp_path, capsys):
     root = synthetic_data["train"].parent
     out = tmp_path / "data_visualization" / "synthetic"
@@ -148,6 +150,7 @@ def test_visualize_split_folders(synthetic_data, tmp_path, capsys):
     assert "84 images of 4 classes (train 48, index 24, query 12)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_visualize_single_class_folder_set(synthetic_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default output folder is data_visualization/<name> here
     code = run(visualize_cli.main, ["--path", str(synthetic_data["query"]), "--samples_per_class", "2",
@@ -168,6 +171,7 @@ def test_visualize_missing_folder_is_one_line(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------- plots
 
+@pytest.mark.slow
 def test_retrieval_figure_frames_hits_green_and_misses_red(tmp_path):
     rng = np.random.default_rng(0)
     query = make_image("shapes_disc", 64, rng)
@@ -191,6 +195,7 @@ def test_long_class_names_wrap_on_underscores():
     assert wrap_name("pbc_basophil", 20) == "pbc_basophil"
 
 
+@pytest.mark.slow
 def test_loss_curve_with_and_without_validation(tmp_path):
     history = [{"epoch": e, "loss": 1.0 / e, "val_top1": v} for e, v in ((1, 0.5), (2, 0.8), (3, 0.7))]
     assert_figure(plot_loss_curve(history, tmp_path / "curve.png"), 500, 300)
@@ -198,6 +203,7 @@ def test_loss_curve_with_and_without_validation(tmp_path):
     assert_figure(plot_loss_curve(single, tmp_path / "one.png"), 500, 300)
 
 
+@pytest.mark.slow
 def test_visualize_skips_unreadable_images_and_says_so(mixed_folder, tmp_path, capsys):
     out = tmp_path / "mixed_figures"
     assert run(visualize_cli.main, ["--path", str(mixed_folder["root"]), "--out", str(out), "--input_size", "32",

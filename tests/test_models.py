@@ -22,6 +22,7 @@ def test_effnet_ships_imagenet_weights_and_embeds_unit_vectors():
     assert not torch.equal(extractor.backbone.model._conv_stem.weight, scratch.backbone.model._conv_stem.weight)
 
 
+@pytest.mark.slow
 def test_checkpoint_rebuilds_the_same_extractor_from_the_file_alone(tmp_path):
     extractor = create_extractor("resnet", 8, pretrained=False, input_size=64, class_names=["a", "b"]).eval()
     path = save_extractor(tmp_path / "ckpt.pt", extractor)

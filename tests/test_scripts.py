@@ -107,6 +107,7 @@ def script_env(**settings) -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_run_experiments_chain_writes_a_workbook_row(synthetic_data, tmp_path):
     data = synthetic_data["train"].parent
     env = script_env(DATA=data, MODELS="effnet", LOSSES="margin", EPOCHS=1, MAX_BATCHES=2, INPUT_SIZE=48,
@@ -148,6 +149,7 @@ def test_run_experiments_refuses_bad_settings(tmp_path):
     assert done.returncode == 0 and "MODELS" in done.stdout and "PROTOCOLS" in done.stdout
 
 
+@pytest.mark.slow
 def test_results_module_runs_as_a_command(tmp_path):
     all_1, _ = eval_file(tmp_path, "a1.json", "all", {"pbc_a": 2})
     workbook = tmp_path / "w.xlsx"

@@ -104,6 +104,7 @@ def tiny_config(data, weights, **overrides) -> TrainConfig:
     return TrainConfig(**{**settings, **overrides})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss, modes", [
     *[(name, {}) for name in LOSSES],
     ("infonce", {"augmented": True}),
@@ -118,6 +119,7 @@ def test_every_loss_lowers_its_value_on_a_separable_problem(colours, tmp_path, l
     assert np.mean(losses[-2:]) < 0.95 * losses[0], losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["margin", "proxy_nca_pp", "softmax", "softtriple"])
 def test_every_learnable_loss_parameter_trains_and_is_saved(colours, tmp_path, monkeypatch, loss):
     created = []
@@ -139,6 +141,7 @@ def test_every_learnable_loss_parameter_trains_and_is_saved(colours, tmp_path, m
         assert torch.equal(saved[name], parameter.detach()), name
 
 
+@pytest.mark.slow
 def test_resume_after_one_epoch_equals_the_unbroken_run(colours, tmp_path):
     settings = dict(loss="margin", scheduler="exponential", gamma=0.5, num_epochs=2, max_batches=2, val_fraction=0.2)
     unbroken = train(tiny_config(colours, tmp_path / "unbroken.pt", **settings))
@@ -204,6 +207,7 @@ def test_generalise_3_trains_on_cluster_labels(synthetic_data, tmp_path):
     assert config["class_names"] == ["cluster_0", "cluster_1", "cluster_2"]
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_train_one_model_on_cpu(synthetic_data, tmp_path):
     weights = tmp_path / "ddp" / "effnet.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
