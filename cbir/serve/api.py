@@ -78,11 +78,12 @@ def create_database(request: Request, body: schemas.DatabaseName):
 def database_info(request: Request, name: str):
     """What a database holds: images per class and project, its extractor and index."""
     info = service(request).info(name)
+    classes = [{"name": c, "project": project_of(c) if c else "", "images": n} for c, n in info["classes"].items()]
     projects = Counter()
-    for class_name, count in info["classes"].items():
-        projects[project_of(class_name) if class_name else ""] += count
+    for entry in classes:
+        projects[entry["project"]] += entry["images"]
     extractor = info["extractor"]
-    return {**info, "projects": dict(sorted(projects.items())),
+    return {**info, "classes": classes, "projects": dict(sorted(projects.items())),
             "extractor": {key: extractor.get(key) for key in ("name", "num_features", "input_size", "fingerprint")}
             if extractor else None}
 

@@ -89,11 +89,17 @@ class ExtractorInfo(BaseModel):
     fingerprint: str
 
 
+class ClassCount(BaseModel):
+    name: str
+    project: str = Field(description="the class name less its last _segment (and a trailing _<digits>)")
+    images: int
+
+
 class DatabaseInfo(BaseModel):
     name: str
     images: int
-    classes: dict[str, int] = Field(description="images per class")
-    projects: dict[str, int] = Field(description="images per project (the class name less its last _segment)")
+    classes: list[ClassCount] = Field(description="images per class, by class name")
+    projects: dict[str, int] = Field(description="images per project")
     extractor: ExtractorInfo | None
     index: str = Field(description="FAISS index: Flat is exact search")
     dim: int | None

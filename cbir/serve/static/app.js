@@ -65,12 +65,12 @@ async function loadDatabase(name) {
   state.db = name;
   state.info = await api(dbPath(name));
   state.colours = {};
-  Object.keys(state.info.classes).forEach((cls, i) => { state.colours[cls] = PALETTE[i % PALETTE.length]; });
+  state.info.classes.forEach((c, i) => { state.colours[c.name] = PALETTE[i % PALETTE.length]; });
   const select = $("query-class");
   select.replaceChildren(el("option", { value: "" }, "unknown"));
   const names = $("class-names");
   names.replaceChildren();
-  for (const cls of Object.keys(state.info.classes)) {
+  for (const { name: cls } of state.info.classes) {
     if (!cls) continue;
     select.append(el("option", { value: cls }, cls));
     names.append(el("option", { value: cls }));
@@ -82,8 +82,8 @@ async function loadDatabase(name) {
 async function examples() {
   const strip = $("examples");
   strip.replaceChildren();
-  const classes = Object.entries(state.info.classes).filter(([cls]) => cls).slice(0, 8);
-  const picks = await Promise.all(classes.map(([cls, count]) =>
+  const classes = state.info.classes.filter((c) => c.name).slice(0, 8);
+  const picks = await Promise.all(classes.map(({ name: cls, images: count }) =>
     api(`${dbPath(state.db)}/images?class=${enc(cls)}&limit=1&offset=${Math.floor(Math.random() * count)}`)));
   for (const listing of picks) {
     for (const item of listing.images) {
@@ -221,25 +221,24 @@ async function databasePage() {
   const facts = $("db-facts");
   facts.replaceChildren();
   fact(facts, "images", info.images.toLocaleString());
-  fact(facts, "classes", Object.keys(info.classes).length);
+  fact(facts, "classes", info.classes.length);
   fact(facts, "projects", Object.keys(info.projects).join(", ") || "—");
   fact(facts, "extractor", info.extractor ? `${info.extractor.name}, ${info.extractor.num_features} values` : "none yet");
   fact(facts, "index", info.index === "Flat" ? "exact (Flat)" : info.index);
-  const most = Math.max(1, ...Object.values(info.classes));
+  const most = Math.max(1, ...info.classes.map((c) => c.images));
   const body = $("class-table").tBodies[0];
   body.replaceChildren();
-  for (const [cls, count] of Object.entries(info.classes)) {
-    const project = cls.includes("_") ? cls.slice(0, cls.lastIndexOf("_")) : cls;
-    body.append(el("tr", {}, el("td", {}, el("i", {}), cls || "unlabelled"), el("td", {}, project),
-      el("td", { class: "num" }, String(count)),
+  for (const { name: cls, project, images: count } of info.classes) {
+    body.append(el("tr", {}, el("td", {}, el("i", { style: `background:${colour(cls)}` }), cls || "unlabelled"),
+      el("td", {}, project || "—"), el("td", { class: "num" }, String(count)),
       el("td", { class: "bar" }, el("span", { style: `width:${(100 * count) / most}%;background:${colour(cls)}` }))));
   }
   $("add-panel").hidden = !(state.health && state.health.writes);
   const samples = $("samples");
   samples.replaceChildren();
-  const rows = await Promise.all(Object.keys(info.classes).map((cls) =>
+  const rows = await Promise.all(info.classes.map(({ name: cls }) =>
     api(`${dbPath(info.name)}/images?class=${enc(cls)}&limit=8`)));
-  Object.keys(info.classes).forEach((cls, i) => {
+  info.classes.forEach(({ name: cls, images: count }, i) => {
     const thumbs = el("div", { class: "thumbs" });
     for (const item of rows[i].images) {
       const button = el("button", { type: "button", title: item.name },
@@ -247,7 +246,7 @@ async function databasePage() {
       button.addEventListener("click", () => openViewer(item));
       thumbs.append(button);
     }
-    samples.append(el("div", { class: "row" }, el("h3", {}, `${cls || "unlabelled"} · ${info.classes[cls]} images`), thumbs));
+    samples.append(el("div", { class: "row" }, el("h3", {}, `${cls || "unlabelled"} · ${count} images`), thumbs));
   });
 }
 
