@@ -44,6 +44,23 @@ class LiveServer:
         assert not self.thread.is_alive(), "cbir-serve did not stop"
 
 
+def index_collection(root, synthetic_data) -> dict:
+    """Database 'cells' (the 24 synthetic index images) in ``root/home``, and the checkpoint that built it."""
+    import torch
+
+    from cbir.cli import index
+    from cbir.cli.common import run
+    from cbir.models import create_extractor, save_extractor
+
+    home = root / "home"
+    torch.manual_seed(0)
+    weights = root / "effnet16.pt"
+    save_extractor(weights, create_extractor("effnet", 16, pretrained=True, input_size=48))
+    assert run(index.main, ["--path", str(synthetic_data["index"]), "--weights", str(weights),
+                            "--db_name", "cells", "--home", str(home), "--num_workers", "0"]) == 0
+    return {"home": home, "weights": weights, "root": root, "data": synthetic_data}
+
+
 def png_bytes(seed: int, size: int = 48) -> bytes:
     """A distinct random RGB image (never the same twice for two seeds)."""
     pixels = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)

@@ -14,18 +14,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from cbir.cli import index as index_command
 from cbir.cli import serve as serve_command
 from cbir.cli.common import run
 from cbir.database import Database
-from cbir.models import create_extractor, save_extractor
 from cbir.serve import ServeConfig
 from cbir.serve.engine import HotExtractor
 from redis_processes import live_redis_servers_under
-from serve_server import TOKEN, LiveServer, png_bytes
+from serve_server import TOKEN, LiveServer, index_collection, png_bytes
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CLASSES = ["shapes_disc", "shapes_ring", "texture_checker", "texture_stripes"]
@@ -33,16 +31,9 @@ CLASSES = ["shapes_disc", "shapes_ring", "texture_checker", "texture_stripes"]
 
 @pytest.fixture(scope="module")
 def collection(synthetic_data, tmp_path_factory):
-    """Database 'cells' (the 24 synthetic index images) in its own home, and the checkpoint that built it."""
-    root = tmp_path_factory.mktemp("serve")
-    home = root / "home"
-    torch.manual_seed(0)
-    weights = root / "effnet16.pt"
-    save_extractor(weights, create_extractor("effnet", 16, pretrained=True, input_size=48))
-    assert run(index_command.main, ["--path", str(synthetic_data["index"]), "--weights", str(weights),
-                                    "--db_name", "cells", "--home", str(home), "--num_workers", "0"]) == 0
-    yield {"home": home, "weights": weights, "root": root, "data": synthetic_data}
-    assert live_redis_servers_under(home) == [], "a server left its embedded Redis running"
+    collection = index_collection(tmp_path_factory.mktemp("serve"), synthetic_data)
+    yield collection
+    assert live_redis_servers_under(collection["home"]) == [], "a server left its embedded Redis running"
 
 
 @pytest.fixture(scope="module")

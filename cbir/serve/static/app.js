@@ -5,7 +5,7 @@ const $ = (id) => document.getElementById(id);
 const enc = encodeURIComponent;
 const PALETTE = ["#2456a6", "#d9822b", "#1f8a4c", "#b83280", "#6b46c1", "#0f8b8d", "#c0392b", "#8c6d1f",
                  "#4a5568", "#2b6cb0", "#9c4221", "#276749", "#97266d", "#553c9a", "#2c7a7b", "#744210"];
-const state = { health: null, db: null, info: null, colours: {}, query: null };
+const state = { health: null, db: null, info: null, colours: {}, query: null, classFromQuery: false };
 
 // --- talking to the server -----------------------------------------------------------------------------------
 function token() { return sessionStorage.getItem("cbir_token") || ""; }
@@ -103,7 +103,11 @@ async function search(blob, filename, knownClass) {
   image.src = URL.createObjectURL(blob);
   image.hidden = false;
   $("drop-text").hidden = true;
-  if (knownClass !== undefined) $("query-class").value = knownClass || "";
+  // An image of the database brings its class; a file of the user's keeps the class they chose, unless the
+  // previous query set it.
+  if (knownClass !== undefined) $("query-class").value = knownClass;
+  else if (state.classFromQuery) $("query-class").value = "";
+  state.classFromQuery = knownClass !== undefined;
   await runSearch();
 }
 
@@ -272,7 +276,7 @@ async function addImages(event) {
 // --- wiring ---------------------------------------------------------------------------------------------------
 function pickFile(file) {
   if (!file || !file.type.startsWith("image/")) { notice("That is not an image file."); return; }
-  search(file, file.name, "");
+  search(file, file.name);
 }
 
 function show() {
@@ -296,7 +300,7 @@ async function start() {
     if (item) pickFile(item.getAsFile());
   });
   $("k").addEventListener("change", runSearch);
-  $("query-class").addEventListener("change", runSearch);
+  $("query-class").addEventListener("change", () => { state.classFromQuery = false; runSearch(); });
   $("viewer-close").addEventListener("click", closeViewer);
   $("viewer").addEventListener("click", (e) => { if (e.target === $("viewer")) closeViewer(); });
   document.addEventListener("keydown", (e) => { if (e.key === "Escape") closeViewer(); });
