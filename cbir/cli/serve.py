@@ -64,7 +64,12 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def main(argv=None) -> None:
+    import os
     from pathlib import Path
+
+    # Before torch starts OpenMP: between requests its threads sleep instead of spinning on the cores (a server is
+    # idle most of the time, and on a shared machine the spinning slows every other process).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     args = parser().parse_args(argv)
     for flag, value, least in (("--max_upload_mb", args.max_upload_mb, 0.001), ("--max_pixels", args.max_pixels, 1),

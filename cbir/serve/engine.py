@@ -209,6 +209,7 @@ class RetrievalService:
         self.extractors = Extractors(config.weights)
         self.default: HotExtractor | None = self.extractors.pinned
         self._listings: dict[str, tuple] = {}
+        self._embedders: dict[str, tuple[str | None, HotExtractor]] = {}
         self.started = False
 
     # --- life ----------------------------------------------------------------------------------------------
@@ -245,8 +246,17 @@ class RetrievalService:
         return hot
 
     def embedder(self, name: str) -> HotExtractor:
+        """The extractor whose vectors database ``name`` holds. A database records its extractor once per generation
+        (emptying it starts a new one), so the answer is kept until the generation changes: one Redis round trip."""
         with self.pool.use(name) as db:
-            return self._extractor_of(db)
+            uid, _ = db.generation
+            known = self._embedders.get(name)
+            if known is not None and known[0] == uid:
+                return known[1]
+            hot = self._extractor_of(db)
+            if db.extractor is not None:  # an empty database may still get another extractor's vectors
+                self._embedders[name] = (uid, hot)
+            return hot
 
     def search(self, name: str, images: list[Image.Image], k: int, *, nprobe: int | None = None) -> list[list[Hit]]:
         """The ``k`` nearest stored images of each query image, nearest first."""
