@@ -3,8 +3,9 @@
 
 const $ = (id) => document.getElementById(id);
 const enc = encodeURIComponent;
-const PALETTE = ["#2456a6", "#d9822b", "#1f8a4c", "#b83280", "#6b46c1", "#0f8b8d", "#c0392b", "#8c6d1f",
-                 "#4a5568", "#2b6cb0", "#9c4221", "#276749", "#97266d", "#553c9a", "#2c7a7b", "#744210"];
+// Class colours avoid the green and red of the right-class / wrong-class frames.
+const PALETTE = ["#2456a6", "#d9822b", "#b83280", "#6b46c1", "#0f8b8d", "#8c6d1f", "#4a5568", "#3182ce",
+                 "#9c4221", "#702459", "#5a67d8", "#2c7a7b", "#744210", "#97266d", "#2b6cb0", "#553c9a"];
 const state = { health: null, db: null, info: null, colours: {}, query: null, classFromQuery: false };
 
 // --- talking to the server -----------------------------------------------------------------------------------
@@ -103,6 +104,7 @@ async function search(blob, filename, knownClass) {
   image.src = URL.createObjectURL(blob);
   image.hidden = false;
   $("drop-text").hidden = true;
+  $("query-name").textContent = filename || "pasted image";
   // An image of the database brings its class; a file of the user's keeps the class they chose, unless the
   // previous query set it.
   if (knownClass !== undefined) $("query-class").value = knownClass;
@@ -177,7 +179,10 @@ function render(result, milliseconds) {
     const card = el("button", { type: "button", class: `card ${frame}`, title: `open ${n.name}` },
       el("img", { src: n.thumbnail_url, alt: `${n.class} neighbour ${n.rank}`, loading: "lazy" }),
       el("span", { class: "caption" },
-        el("span", { class: "top" }, el("span", {}, `#${n.rank}`), el("span", {}, `distance ${n.distance.toFixed(3)}`)),
+        el("span", { class: "top" },
+          el("span", {}, `#${n.rank}`, frame ? el("b", { class: `check ${frame === "same" ? "good" : "bad"}` },
+                                                  frame === "same" ? " ✓" : " ✗") : ""),
+          el("span", {}, `distance ${n.distance.toFixed(3)}`)),
         el("span", { class: "cls" }, el("i", { style: `background:${colour(n.class)}` }), n.class || "unlabelled")));
     card.addEventListener("click", () => openViewer(n));
     gallery.append(card);
