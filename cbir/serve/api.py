@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 
-from cbir.evaluation import project_of
+from cbir.labels import project_of
 
 from . import schemas
 from .auth import can_read, can_write
