@@ -309,7 +309,7 @@ def test_cytomine_routes_with_the_requests_that_platform_sends(collection):
     with LiveServer(config) as live, httpx.Client(base_url=f"{live.url}/api", timeout=60) as http:
         assert http.post("/storages", json={"name": "cyto_a"}).json() == {"message": "Created storage with name: cyto_a"}
         again = http.post("/storages", json={"name": "cyto_a"})
-        assert again.status_code == 409
+        assert again.status_code == 409 and again.json() == {"detail": "Storage with name 'cyto_a' already exists."}
         assert http.post("/storages", params={"name": "cyto_b"}).status_code == 200  # the older request shape
         assert {"cyto_a", "cyto_b", "cells"} <= set(http.get("/storages").json())
         assert http.get("/storages/cyto_a").json() == {"name": "cyto_a"}
@@ -466,6 +466,8 @@ def test_the_command_refuses_unsafe_or_impossible_settings(collection, capsys):
     token_file.chmod(0o644)
     assert run(serve_command.main, ["--db_name", "cells", *home, "--token_file", str(token_file)]) == 2
     assert "chmod 600" in capsys.readouterr().err
+    assert run(serve_command.main, ["--db_name", "cells", *home, "--max_k", "0"]) == 2
+    assert "--max_k must be at least 1, got 0" in capsys.readouterr().err
     assert run(serve_command.main, ["--db_name", "nowhere", *home, "--port", "0"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert live_redis_servers_under(collection["home"] / "nowhere") == []

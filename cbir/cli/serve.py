@@ -7,7 +7,7 @@ import ipaddress
 import socket
 
 from cbir.cli.common import database_args, entry_point
-from cbir.errors import CbirError
+from cbir.errors import CbirError, check_at_least
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,12 +72,10 @@ def main(argv=None) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     args = parser().parse_args(argv)
-    for flag, value, least in (("--max_upload_mb", args.max_upload_mb, 0.001), ("--max_pixels", args.max_pixels, 1),
-                               ("--max_k", args.max_k, 1)):
-        if value < least:
-            raise CbirError(f"{flag} must be at least {least}, got {value}")
-    if not 0 <= args.port <= 65535:
-        raise CbirError(f"--port must be between 0 and 65535, got {args.port}")
+    for name, least in (("max_upload_mb", 0.001), ("max_pixels", 1), ("max_k", 1), ("port", 0)):
+        check_at_least(name, getattr(args, name), least)
+    if args.port > 65535:
+        raise CbirError(f"--port must be at most 65535, got {args.port}")
     if args.auth == "none" and not is_loopback(args.host) and not args.trusted_network:
         raise CbirError(f"--auth none on {args.host} lets anyone who reaches the port add and delete images; "
                         "add --trusted_network if that network is private, or keep --host 127.0.0.1")

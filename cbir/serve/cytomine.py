@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from .api import ERRORS, check_k, decode, service
 from .auth import can_read, can_write
 from .engine import check_filename
-from .errors import BadInput, NotFound
+from .errors import BadInput, Conflict, NotFound
 
 router = APIRouter(prefix="/api", tags=["Cytomine compatibility"])
 
@@ -43,6 +43,8 @@ def create_storage(request: Request, body: StorageName | None = Body(None),
     storage = body.name if body is not None else name
     if not storage:
         raise BadInput("the storage needs a name: send {\"name\": ...}")
+    if storage in service(request).pool.names():
+        raise Conflict(f"Storage with name '{storage}' already exists.")
     service(request).create(storage)
     return {"message": f"Created storage with name: {storage}"}
 
