@@ -18,7 +18,7 @@ class Health(BaseModel):
 
 
 class StoredImage(BaseModel):
-    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+    model_config = ConfigDict(populate_by_name=True)  # answers use the alias: FastAPI serialises by alias
 
     id: int
     class_name: str = Field(alias="class")
