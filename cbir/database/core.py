@@ -469,6 +469,25 @@ class Database:
             self._version = version
 
     @_redis_errors
+    def lookup(self, ids) -> list[tuple[str, str] | None]:
+        """(path, class) of each id, None for an id not stored; read from Redis (one round trip)."""
+        self._check_open()
+        return self._store.lookup([int(i) for i in ids])
+
+    @_redis_errors
+    def ids_of_paths(self, paths) -> list[int | None]:
+        """The id of each stored path, None for a path not stored (one round trip)."""
+        self._check_open()
+        return self._store.ids_of_paths([encode(str(p)) for p in paths])
+
+    @property
+    @_redis_errors
+    def generation(self) -> tuple[str | None, int]:
+        """Changes whenever the stored images change (emptied, added, removed): a key for caches of listings."""
+        snap = self._store.snapshot()
+        return snap.uid, snap.version
+
+    @_redis_errors
     def has_paths(self, paths) -> list[bool]:
         """Whether each path is stored (one round trip)."""
         return [image_id is not None for image_id in self._store.ids_of_paths([encode(str(p)) for p in paths])]
