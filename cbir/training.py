@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from cbir.data import ClassBalancedBatches, ImageDataset, Sample, collate_skipping, list_samples
+from cbir.data import AUGMENTATIONS, ClassBalancedBatches, ImageDataset, Sample, collate_skipping, list_samples
 from cbir.embedding import default_workers, embed, pick_device
 from cbir.errors import CbirError
 from cbir.losses import LOSSES, PAIR_LOSSES, create_loss
@@ -49,7 +49,7 @@ from cbir.plots import plot_loss_curve
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS = (None, "step", "exponential")
+SCHEDULERS = (None, "step", "exponential", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_LOSS = "margin"
 
@@ -67,12 +67,14 @@ class TrainConfig:
     images_per_class: int = 4
     augmented: bool = False  # pair losses: positive = a second augmented view of the anchor (SimCLR-style)
     non_contrastive: bool = False  # pair losses: positive pairs only, no negative
-    lr: float = 1e-4
+    lr: float = 2e-4  # the backbone's; the new head learns head_lr_scale times faster
+    head_lr_scale: float = 10.0
     decay: float = 4e-4
     beta_lr: float = 5e-4
     gamma: float = 0.3
     lr_proxies: float = 1e-5
-    scheduler: str | None = None
+    scheduler: str | None = "cosine"  # linear warm-up over the first tenth of the steps, then cosine decay to 0
+    augmentation: str = "histology"  # cbir.data.AUGMENTATIONS
     freeze: bool = False
     pretrained: bool = True
     pretrained_weights: str | None = None
@@ -103,7 +105,11 @@ def check_flags(config: TrainConfig) -> None:
     if config.scheduler in ("None", "none"):
         config.scheduler = None
     if config.scheduler not in SCHEDULERS:
-        raise CbirError(f"unknown --scheduler '{config.scheduler}'; choose step or exponential (or leave it out)")
+        raise CbirError(f"unknown --scheduler '{config.scheduler}'; choose step, exponential or cosine (or None)")
+    if config.augmentation not in AUGMENTATIONS:
+        raise CbirError(f"unknown --augmentation '{config.augmentation}'; choose one of: {', '.join(AUGMENTATIONS)}")
+    if config.head_lr_scale <= 0:
+        raise CbirError(f"--head_lr_scale must be positive, got {config.head_lr_scale}")
     if config.precision not in PRECISIONS:
         raise CbirError(f"unknown --precision '{config.precision}'; choose one of: {', '.join(PRECISIONS)}")
     if config.loss is not None and config.loss not in LOSSES:
@@ -403,9 +409,25 @@ class TrainingStep(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_scheduler(optimizer, name: str | None, num_epochs: int, gamma: float):
+WARMUP_SHARE = 0.1
+
+
+def build_scheduler(optimizer, name: str | None, num_epochs: int, gamma: float, steps_per_epoch: int = 1):
+    """The learning-rate schedule; ``cosine`` is stepped after every batch (``.per_step``), the others per epoch."""
     if name in (None, "None", "none"):
         return None
+    if name == "cosine":
+        total = max(1, num_epochs * steps_per_epoch)
+        warmup = max(1, round(WARMUP_SHARE * total))
+
+        def factor(step: int) -> float:  # of each group's own rate: the head, backbone and loss keep their ratio
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler.per_step = True
+        return scheduler
     if name == "step":
         milestones = [max(1, num_epochs // 2), num_epochs]
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=gamma)
@@ -585,12 +607,19 @@ def _train_loop(config, dist, device, amp_dtype, extractor, loss_fn, loss_name, 
                 train_samples, val_samples, class_names, class_to_idx) -> dict:
     extractor.to(device)
     step = TrainingStep(extractor, loss_fn, augmented=config.augmented, distributed=dist.active).to(device)
+    # The new head starts from random weights and learns faster than the pretrained backbone it sits on.
+    head = getattr(extractor, "head", None)
+    head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    trainable = [p for p in extractor.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(
-        [{"params": [p for p in extractor.parameters() if p.requires_grad]},
+        [{"params": [p for p in trainable if id(p) not in head_ids]},
+         {"params": [p for p in trainable if id(p) in head_ids], "lr": config.lr * config.head_lr_scale},
          *(loss_fn.param_groups(lr_proxies=config.lr_proxies, beta_lr=config.beta_lr) if loss_fn is not None else [])],
         lr=config.lr, weight_decay=config.decay,
     )
-    scheduler = build_scheduler(optimizer, config.scheduler, config.num_epochs, config.gamma)
+    steps_per_epoch = min(math.ceil(len(batches) / dist.world), config.max_batches or len(batches))
+    scheduler = build_scheduler(optimizer, config.scheduler, config.num_epochs, config.gamma, steps_per_epoch)
+    per_step = getattr(scheduler, "per_step", False)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     start_epoch, history = 0, []
     if resumed is not None:
@@ -620,7 +649,7 @@ def _train_loop(config, dist, device, amp_dtype, extractor, loss_fn, loss_name, 
     workers = default_workers() if config.num_workers is None else config.num_workers
     sampler = EpochBatches(batches, seed=config.seed, rank=dist.rank, world=dist.world)
     loader = DataLoader(
-        TrainingImages(train_samples, extractor.transform(train=True), class_to_idx,
+        TrainingImages(train_samples, extractor.transform(train=True, augmentation=config.augmentation), class_to_idx,
                        views=2 if config.augmented else 1),
         batch_sampler=sampler, num_workers=workers, collate_fn=collate_skipping,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
@@ -673,6 +702,8 @@ def _train_loop(config, dist, device, amp_dtype, extractor, loss_fn, loss_name, 
             else:
                 loss.backward()
                 optimizer.step()
+            if per_step:
+                scheduler.step()
             if after_step is not None:
                 after_step()
             if weight:
@@ -691,7 +722,7 @@ def _train_loop(config, dist, device, amp_dtype, extractor, loss_fn, loss_name, 
         epoch_loss, epoch_seen = (totals[0] / totals[1].clamp(min=1)).item(), int(totals[1].item())
         seconds = time.perf_counter() - epoch_start
         lr = optimizer.param_groups[0]["lr"]
-        if scheduler is not None:
+        if scheduler is not None and not per_step:
             scheduler.step()
         val_top1 = (retrieval_top1(extractor, val_samples, device=device, num_workers=workers, dist=dist)
                     if val_samples else None)

@@ -12,6 +12,7 @@ log = logging.getLogger("cbir")
 
 
 def parser() -> argparse.ArgumentParser:
+    from cbir.data import AUGMENTATIONS, DEFAULT_AUGMENTATION
     from cbir.losses import list_losses
     from cbir.models import check_model_name
     from cbir.splits import add_generalise_args
@@ -32,13 +33,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--augmented", action="store_true",
                    help="pair losses: the positive is a second augmented view of the anchor image (SimCLR-style)")
     p.add_argument("--non_contrastive", action="store_true", help="pair losses: positive pairs only, no negatives")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=2e-4, help="learning rate of the backbone (default: 2e-4)")
+    p.add_argument("--head_lr_scale", type=float, default=10.0,
+                   help="the new embedding head learns this many times faster than the backbone (default: 10)")
     p.add_argument("--decay", type=float, default=4e-4, help="weight decay")
     p.add_argument("--beta_lr", type=float, default=5e-4, help="learning rate of the margin loss's beta")
     p.add_argument("--gamma", type=float, default=0.3, help="scheduler factor")
     p.add_argument("--lr_proxies", type=float, default=1e-5, help="learning rate of proxies / class weights / centres")
-    p.add_argument("--scheduler", default=None, choices=["None", *[s for s in SCHEDULERS if s]],
-                   help="None (default), step (×gamma at half and at the end), exponential (×gamma each epoch)")
+    p.add_argument("--scheduler", default="cosine", choices=["None", *[s for s in SCHEDULERS if s]],
+                   help="cosine (default: linear warm-up over the first tenth of the steps, then cosine decay), "
+                        "step (×gamma at half and at the end), exponential (×gamma each epoch), None (constant)")
+    p.add_argument("--augmentation", default=DEFAULT_AUGMENTATION, choices=list(AUGMENTATIONS),
+                   help="histology (default: any orientation, stain and scanner colour changes), basic (the "
+                        "thesis's flips and colour jitter)")
     p.add_argument("--freeze", action="store_true", help="train the head only")
     p.add_argument("--scratch", action="store_true", help="no ImageNet weights: train from random initialisation")
     p.add_argument("--pretrained_weights", default=None, help="ImageNet weights file for the backbone (offline use)")
