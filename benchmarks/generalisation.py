@@ -263,6 +263,7 @@ def main(argv=None) -> None:
                    help="the regime whose models the colour regime queries (default: folds; small is cheaper)")
     p.add_argument("--input_size", type=int, default=128,
                    help="input size every run trains and embeds at (the campaign's budget; 0: the model's own, 224)")
+    p.add_argument("--report", action="store_true", help="run nothing: tabulate the runs already finished")
     p.add_argument("--work", default="experiments/generalisation", help="copies, checkpoints and finished runs")
     p.add_argument("--results", default="excel_results", help="where the table, JSON and workbook go")
     args = p.parse_args(argv)
@@ -284,7 +285,7 @@ def main(argv=None) -> None:
     # Regime by regime, seed by seed: a campaign cut short still has a spread for the regimes it finished.
     for regime in regimes:
         for seed in args.seeds:
-            if any(r["regime"] == regime and r["seed"] == seed for r in rows):
+            if args.report or any(r["regime"] == regime and r["seed"] == seed for r in rows):
                 continue
             parts = resplit(Path(args.data), seed, query=args.query_per_class, index=args.index_per_class,
                             val=args.val_per_class, train=args.train_per_class, small=args.small_per_class)

@@ -611,12 +611,11 @@ def _train_loop(config, dist, device, amp_dtype, extractor, loss_fn, loss_name, 
     head = getattr(extractor, "head", None)
     head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
     trainable = [p for p in extractor.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(
-        [{"params": [p for p in trainable if id(p) not in head_ids]},
-         {"params": [p for p in trainable if id(p) in head_ids], "lr": config.lr * config.head_lr_scale},
-         *(loss_fn.param_groups(lr_proxies=config.lr_proxies, beta_lr=config.beta_lr) if loss_fn is not None else [])],
-        lr=config.lr, weight_decay=config.decay,
-    )
+    loss_groups = [] if loss_fn is None else loss_fn.param_groups(lr_proxies=config.lr_proxies, beta_lr=config.beta_lr)
+    groups = [{"params": [p for p in trainable if id(p) not in head_ids]},
+              {"params": [p for p in trainable if id(p) in head_ids], "lr": config.lr * config.head_lr_scale},
+              *loss_groups]
+    optimizer = torch.optim.Adam([g for g in groups if g["params"]], lr=config.lr, weight_decay=config.decay)
     steps_per_epoch = min(math.ceil(len(batches) / dist.world), config.max_batches or len(batches))
     scheduler = build_scheduler(optimizer, config.scheduler, config.num_epochs, config.gamma, steps_per_epoch)
     per_step = getattr(scheduler, "per_step", False)
