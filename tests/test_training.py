@@ -98,9 +98,11 @@ def colours(tmp_path_factory):
 
 
 def tiny_config(data, weights, **overrides) -> TrainConfig:
+    # A toy problem separable by colour alone: a constant rate, one for all, and the thesis's gentler augmentation
+    # (the default recipe's stain and scanner changes are made to blur exactly that colour).
     settings = dict(training_data=str(data), weights=str(weights), model="test_tiny", num_features=16,
                     num_epochs=6, batch_size=16, images_per_class=4, lr=1e-3, lr_proxies=1e-2, num_workers=0,
-                    progress=False)
+                    scheduler=None, head_lr_scale=1.0, augmentation="basic", progress=False)
     return TrainConfig(**{**settings, **overrides})
 
 
@@ -270,7 +272,8 @@ def test_bad_input_is_refused_in_one_line_before_any_work(colours, tmp_path, cap
 
 
 def test_the_default_recipe_warms_up_decays_to_zero_and_trains_the_head_ten_times_faster(colours, tmp_path):
-    summary = train(tiny_config(colours, tmp_path / "w.pt", loss="margin", num_epochs=2, lr=1e-3))
+    recipe = {key: getattr(TrainConfig(training_data=""), key) for key in ("scheduler", "head_lr_scale", "augmentation")}
+    summary = train(tiny_config(colours, tmp_path / "w.pt", loss="margin", num_epochs=2, **recipe))
     groups = torch.load(tmp_path / "w.pt", weights_only=True)["training"]["optimizer"]["param_groups"]
     backbone, head = groups[0], groups[1]
     assert head["initial_lr"] == pytest.approx(10 * backbone["initial_lr"]) == pytest.approx(1e-2)
