@@ -175,7 +175,7 @@ def score(query: tuple, database: tuple) -> dict:
 def run_regime(regime: str, seed: int, parts: dict, folder: Path, extra: list[str], colour_of: str) -> dict:
     from cbir.data import Sample
     from cbir.models import load_extractor
-    from cbir.splits import restrict_samples
+    from cbir.labels import restrict_samples
 
     row: dict = {"regime": regime, "seed": seed}
     if regime == "colour":  # a model this seed already trained, its index as it was, queries shifted
@@ -270,14 +270,14 @@ def main(argv=None) -> None:
     regimes = args.regimes.split(",")
     if unknown := set(regimes) - set(REGIMES):
         sys.exit(f"unknown regime(s) {', '.join(sorted(unknown))}; choose from {', '.join(REGIMES)}")
+    extra = shlex.split(args.train_args) + (["--input_size", str(args.input_size)] if args.input_size else [])
+    # Import the package now: a campaign that runs for an hour measures the code as it was when it started.
+    import cbir.cli.train, cbir.embedding, cbir.evaluation, cbir.labels, cbir.models  # noqa: E401,F401
+    work = Path(args.work) / args.name
+    work.mkdir(parents=True, exist_ok=True)
     if "colour" in regimes and args.colour_of not in regimes and not all(
             (work / f"seed{seed}" / "weights" / f"{args.colour_of}.pt").exists() for seed in args.seeds):
         regimes.insert(regimes.index("colour"), args.colour_of)  # the colour regime scores models trained here
-    extra = shlex.split(args.train_args) + (["--input_size", str(args.input_size)] if args.input_size else [])
-    # Import the package now: a campaign that runs for an hour measures the code as it was when it started.
-    import cbir.cli.train, cbir.embedding, cbir.evaluation, cbir.models, cbir.splits  # noqa: E401,F401
-    work = Path(args.work) / args.name
-    work.mkdir(parents=True, exist_ok=True)
     done_file = work / "runs.jsonl"
     done = [json.loads(line) for line in done_file.read_text().splitlines()] if done_file.exists() else []
     rows = [r for r in done if r.get("train_args", "") == args.train_args]

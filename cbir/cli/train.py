@@ -5,17 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cbir.cli.common import entry_point
-from cbir.training import PRECISIONS, SCHEDULERS, TrainConfig, train
+from cbir.cli.common import entry_point, generalise_args
+from cbir.training import DEFAULTS, PRECISIONS, SCHEDULERS, TrainConfig, train
 
 log = logging.getLogger("cbir")
 
 
 def parser() -> argparse.ArgumentParser:
-    from cbir.data import AUGMENTATIONS, DEFAULT_AUGMENTATION
+    from cbir.data import AUGMENTATIONS
     from cbir.losses import list_losses
     from cbir.models import check_model_name
-    from cbir.splits import add_generalise_args
 
     p = argparse.ArgumentParser(prog="cbir-train", description="Train a feature extractor (deep metric learning).")
     p.add_argument("--training_data", required=False, help="folder with one sub-folder per class")
@@ -33,17 +32,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--augmented", action="store_true",
                    help="pair losses: the positive is a second augmented view of the anchor image (SimCLR-style)")
     p.add_argument("--non_contrastive", action="store_true", help="pair losses: positive pairs only, no negatives")
-    p.add_argument("--lr", type=float, default=2e-4, help="learning rate of the backbone (default: 2e-4)")
-    p.add_argument("--head_lr_scale", type=float, default=10.0,
-                   help="the new embedding head learns this many times faster than the backbone (default: 10)")
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"],
+                   help=f"learning rate of the backbone (default: {DEFAULTS['lr']:g})")
+    p.add_argument("--head_lr_scale", type=float, default=DEFAULTS["head_lr_scale"],
+                   help=f"the new embedding head learns this many times faster than the backbone (default: "
+                        f"{DEFAULTS['head_lr_scale']:g})")
     p.add_argument("--decay", type=float, default=4e-4, help="weight decay")
     p.add_argument("--beta_lr", type=float, default=5e-4, help="learning rate of the margin loss's beta")
     p.add_argument("--gamma", type=float, default=0.3, help="scheduler factor")
     p.add_argument("--lr_proxies", type=float, default=1e-5, help="learning rate of proxies / class weights / centres")
-    p.add_argument("--scheduler", default="cosine", choices=["None", *[s for s in SCHEDULERS if s]],
+    p.add_argument("--scheduler", default=DEFAULTS["scheduler"], choices=["None", *[s for s in SCHEDULERS if s]],
                    help="cosine (default: linear warm-up over the first tenth of the steps, then cosine decay), "
                         "step (×gamma at half and at the end), exponential (×gamma each epoch), None (constant)")
-    p.add_argument("--augmentation", default=DEFAULT_AUGMENTATION, choices=list(AUGMENTATIONS),
+    p.add_argument("--augmentation", default=DEFAULTS["augmentation"], choices=list(AUGMENTATIONS),
                    help="histology (default: any orientation, stain and scanner colour changes), basic (the "
                         "thesis's flips and colour jitter)")
     p.add_argument("--freeze", action="store_true", help="train the head only")
@@ -63,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
                    help="auto: mixed precision on GPU (bf16, else fp16 with loss scaling), fp32 on CPU")
     p.add_argument("--resume", default=None, metavar="CHECKPOINT",
                    help="continue a run from the checkpoint it wrote (same flags; --num_epochs may grow)")
-    add_generalise_args(p)
+    generalise_args(p)
     p.add_argument("--cluster_labels", default=None,
                    help="--generalise 3: the image -> cluster labels cbir-kmeans wrote (train on clusters, not "
                         "classes)")
@@ -82,6 +83,8 @@ def main(argv=None) -> None:
     if not args.training_data:
         parser().error("--training_data is required")
     options = {k: v for k, v in vars(args).items() if k not in ("scratch", "list_models")}
+    if options["scheduler"] == "None":
+        options["scheduler"] = None
     config = TrainConfig(**options, pretrained=not args.scratch)
     summary = train(config)
     if summary["rank"] != 0:  # under torchrun, rank 0 speaks for all
