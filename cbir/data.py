@@ -160,7 +160,7 @@ AUGMENTATIONS = {
     "basic": _basic_augmentation,  # the thesis's: crops, flips, saturation and hue jitter
     "histology": _histology_augmentation,  # any orientation, stain (HED) and scanner-like colour changes
 }
-DEFAULT_AUGMENTATION = "histology"
+DEFAULT_AUGMENTATION = "basic"
 
 
 def build_transform(input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, *, train: bool = False,

@@ -72,13 +72,13 @@ class TrainConfig:
     images_per_class: int = 4
     augmented: bool = False  # pair losses: positive = a second augmented view of the anchor (SimCLR-style)
     non_contrastive: bool = False  # pair losses: positive pairs only, no negative
-    lr: float = 2e-4  # the backbone's; the new head learns head_lr_scale times faster
-    head_lr_scale: float = 10.0
+    lr: float = 1e-4  # the backbone's; the embedding head learns head_lr_scale times faster
+    head_lr_scale: float = 1.0
     decay: float = 4e-4
     beta_lr: float = 5e-4
     gamma: float = 0.3
     lr_proxies: float = 1e-5
-    scheduler: str | None = "cosine"  # linear warm-up over the first tenth of the steps, then cosine decay to 0
+    scheduler: str | None = None  # None, "cosine" (warm-up, then cosine decay, per step), "step", "exponential"
     augmentation: str = DEFAULT_AUGMENTATION  # cbir.data.AUGMENTATIONS
     freeze: bool = False
     pretrained: bool = True

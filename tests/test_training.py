@@ -98,11 +98,9 @@ def colours(tmp_path_factory):
 
 
 def tiny_config(data, weights, **overrides) -> TrainConfig:
-    # A toy problem separable by colour alone: a constant rate, one for all, and the thesis's gentler augmentation
-    # (the default recipe's stain and scanner changes are made to blur exactly that colour).
     settings = dict(training_data=str(data), weights=str(weights), model="test_tiny", num_features=16,
                     num_epochs=6, batch_size=16, images_per_class=4, lr=1e-3, lr_proxies=1e-2, num_workers=0,
-                    scheduler=None, head_lr_scale=1.0, augmentation="basic", progress=False)
+                    progress=False)
     return TrainConfig(**{**settings, **overrides})
 
 
@@ -271,8 +269,8 @@ def test_bad_input_is_refused_in_one_line_before_any_work(colours, tmp_path, cap
             train(tiny_config(colours, weights, **{field: value}))
 
 
-def test_the_default_recipe_warms_up_decays_to_zero_and_trains_the_head_ten_times_faster(colours, tmp_path):
-    recipe = {key: getattr(TrainConfig(training_data=""), key) for key in ("scheduler", "head_lr_scale", "augmentation")}
+def test_the_histology_recipe_warms_up_decays_to_zero_and_trains_the_head_ten_times_faster(colours, tmp_path):
+    recipe = dict(scheduler="cosine", head_lr_scale=10.0, augmentation="histology")
     summary = train(tiny_config(colours, tmp_path / "w.pt", loss="margin", num_epochs=2, **recipe))
     groups = torch.load(tmp_path / "w.pt", weights_only=True)["training"]["optimizer"]["param_groups"]
     backbone, head = groups[0], groups[1]
@@ -292,7 +290,7 @@ def test_the_default_recipe_warms_up_decays_to_zero_and_trains_the_head_ten_time
     assert all(a >= b for a, b in zip(rates[1:], rates[2:])) and rates[-1] < 0.01
 
 
-def test_the_cli_defaults_are_the_recipe_the_package_trains_with():
+def test_the_cli_defaults_are_the_package_defaults():
     args = train_cli.parser().parse_args(["--training_data", "x"])
     for key, value in vars(TrainConfig(training_data="x")).items():
         if hasattr(args, key) and key not in ("model", "loss"):

@@ -42,11 +42,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, default=0.3, help="scheduler factor")
     p.add_argument("--lr_proxies", type=float, default=1e-5, help="learning rate of proxies / class weights / centres")
     p.add_argument("--scheduler", default=DEFAULTS["scheduler"], choices=["None", *[s for s in SCHEDULERS if s]],
-                   help="cosine (default: linear warm-up over the first tenth of the steps, then cosine decay), "
-                        "step (×gamma at half and at the end), exponential (×gamma each epoch), None (constant)")
+                   help="None (default: constant), cosine (linear warm-up over the first tenth of the steps, then "
+                        "cosine decay to 0), step (×gamma at half and at the end), exponential (×gamma each epoch)")
     p.add_argument("--augmentation", default=DEFAULTS["augmentation"], choices=list(AUGMENTATIONS),
-                   help="histology (default: any orientation, stain and scanner colour changes), basic (the "
-                        "thesis's flips and colour jitter)")
+                   help="basic (default: the thesis's crops, flips and colour jitter), histology (any of the eight "
+                        "right-angle orientations, HED stain and scanner-like colour changes)")
     p.add_argument("--freeze", action="store_true", help="train the head only")
     p.add_argument("--scratch", action="store_true", help="no ImageNet weights: train from random initialisation")
     p.add_argument("--pretrained_weights", default=None, help="ImageNet weights file for the backbone (offline use)")
