@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from cbir.data import Sample
+from cbir.images import Sample
 from cbir.embedding import iter_embeddings
 
 
@@ -31,9 +31,12 @@ class IndexSummary:
         return "\n".join(lines)
 
 
-def index_images(extractor, database, samples: list[Sample], *, batch_size: int = 32, num_workers: int | None = None,
-                 device=None, progress: bool = True, chunk: int = 512) -> IndexSummary:
-    """Add ``samples`` not yet in ``database``; re-running after an interruption adds only what is missing."""
+def index_images(encoder, database, samples: list[Sample], *, batch_size: int | None = None,
+                 num_workers: int | None = None, device=None, progress: bool = True, chunk: int = 512) -> IndexSummary:
+    """Add ``samples`` not yet in ``database``; re-running after an interruption adds only what is missing.
+
+    ``encoder``: from :func:`cbir.inference.load_encoder` (or a bare extractor, run in PyTorch).
+    """
     start = time.perf_counter()
     summary = IndexSummary()
     present = database.has_paths([s.path for s in samples])
@@ -54,7 +57,7 @@ def index_images(extractor, database, samples: list[Sample], *, batch_size: int 
             pending_samples.clear()
             pending_vectors.clear()
 
-    for batch_samples, vectors, seconds in iter_embeddings(extractor, todo, batch_size=batch_size,
+    for batch_samples, vectors, seconds in iter_embeddings(encoder, todo, batch_size=batch_size,
                                                            num_workers=num_workers, device=device):
         pending_samples.extend(batch_samples)
         pending_vectors.append(vectors)

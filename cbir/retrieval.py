@@ -8,7 +8,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from cbir.data import Sample, load_image
+from cbir.images import Sample, load_image
 from cbir.embedding import embed
 from cbir.errors import CbirError
 from cbir.plots import plot_retrieval
@@ -28,7 +28,7 @@ class Retrieval:
     neighbours: list[Neighbour]
 
 
-def search_samples(extractor, database, samples: list[Sample], k: int, *, nprobe=None, batch_size=32,
+def search_samples(extractor, database, samples: list[Sample], k: int, *, nprobe=None, batch_size=None,
                    num_workers=None) -> tuple[list[Retrieval], list[Sample]]:
     """The ``k`` nearest stored images of each readable query; also returns the unreadable queries."""
     database.check_extractor(extractor.describe())
@@ -79,7 +79,7 @@ def one_query_per_class(samples: list[Sample], seed: int = 0) -> list[Sample]:
     return [rng.choice(members) for _, members in sorted(by_class.items())]
 
 
-def search_function(extractor, database, k: int, *, nprobe=None, batch_size=32, num_workers=None):
+def search_function(extractor, database, k: int, *, nprobe=None, batch_size=None, num_workers=None):
     """``search(paths) -> (result paths, result classes, timings)``, the shape :func:`cbir.evaluation.evaluate` calls.
 
     Timings per batch: ``model`` (forward passes), ``transfer`` (decoding, resizing and moving images: the rest of

@@ -36,7 +36,7 @@ def main(argv=None) -> None:
     import torch
 
     from cbir.classification import classification_accuracy
-    from cbir.data import list_samples
+    from cbir.images import list_samples
     from cbir.errors import CbirError
     from cbir.evaluation import LevelMaps, plot_confusion_matrices, write_excel_sheet
 

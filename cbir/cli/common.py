@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from cbir.errors import CbirError
 
@@ -30,9 +29,15 @@ def extractor_args(parser: argparse.ArgumentParser, *, required: bool = False) -
                             "ImageNet backbone's pooled features")
     group.add_argument("--num_features", type=int, default=None, help="only to check the checkpoint")
     group.add_argument("--dr_model", action="store_true", default=None, help="only to check the checkpoint")
-    group.add_argument("--batch_size", type=int, default=32)
+    group.add_argument("--batch_size", type=int, default=None,
+                       help="images per forward pass (default: from the hardware, e.g. 16 on 2 CPU cores)")
     group.add_argument("--num_workers", type=int, default=None, help="image-decoding workers (default: cores - 1)")
     group.add_argument("--gpu_id", type=int, default=None)
+    group.add_argument("--backend", default=None, choices=["auto", "torch", "onnx"],
+                       help="inference backend (default: the one the database was built with, else auto: ONNX "
+                            "Runtime wherever the model exports, PyTorch otherwise)")
+    group.add_argument("--int8", action="store_true", default=None,
+                       help="the int8 ONNX model written by cbir-export --int8 (default: as the database was built)")
 
 
 def protocol_args(parser: argparse.ArgumentParser, *, default_measure: str) -> None:
@@ -56,25 +61,30 @@ def protocol_args(parser: argparse.ArgumentParser, *, default_measure: str) -> N
 
 
 def build_extractor(args, recorded: dict | None = None):
-    """The extractor the user named: a checkpoint, the frozen backbone, or the one the database records."""
-    from cbir.models import create_extractor, load_extractor
+    """The encoder (cbir.inference) of the extractor the user named: a checkpoint, the frozen backbone, or the
+    one the database records; on the backend and precision asked for, else those the database was built with."""
+    from cbir.errors import CbirError
+    from cbir.inference import load_encoder
 
-    if args.weights:
-        return load_extractor(args.weights, model=args.extractor, num_features=args.num_features, dr_model=args.dr_model)
-    if args.extractor and args.num_features == 0:
-        return create_extractor(args.extractor, 0, pretrained=True).eval()
-    if recorded:
-        if recorded.get("weights"):
-            return load_extractor(recorded["weights"], model=args.extractor, num_features=args.num_features)
-        return create_extractor(recorded["name"], 0, pretrained=True).eval()
-    raise CbirError("give --weights CHECKPOINT (from cbir-train), or --extractor NAME --num_features 0 for frozen "
-                    "ImageNet features")
+    recorded = recorded or {}
+    if args.batch_size is not None and args.batch_size < 1:
+        raise CbirError(f"--batch_size must be at least 1, got {args.batch_size}")
+    backend = args.backend or recorded.get("backend")
+    int8 = args.int8 if args.int8 is not None else recorded.get("precision") == "int8"
+    device = f"cuda:{args.gpu_id}" if args.gpu_id is not None else None
+    weights = args.weights or recorded.get("weights")
+    checks = dict(model=args.extractor, num_features=args.num_features,
+                  dr_model=args.dr_model if args.weights else None)
+    if args.weights or not (args.extractor and args.num_features == 0) and weights:
+        return load_encoder(weights, backend=backend, int8=int8, device=device, **checks)
+    name = args.extractor if args.extractor and args.num_features == 0 else recorded.get("name")
+    if not name:
+        raise CbirError("give --weights CHECKPOINT (from cbir-train), or --extractor NAME --num_features 0 for "
+                        "frozen ImageNet features")
+    from cbir.models import create_extractor
 
-
-def describe_extractor(extractor, weights: str | None) -> dict:
-    info = extractor.describe()
-    info["weights"] = str(Path(weights).resolve()) if weights else None
-    return info
+    return load_encoder(extractor=create_extractor(name, 0, pretrained=True).eval(), backend=backend, int8=int8,
+                        device=device)
 
 
 def run(main, argv=None) -> int:

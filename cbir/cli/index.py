@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cbir.cli.common import build_extractor, database_args, describe_extractor, entry_point, extractor_args
+from cbir.cli.common import build_extractor, database_args, entry_point, extractor_args
 from cbir.splits import add_generalise_args
 
 
@@ -22,7 +22,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    from cbir.data import list_images
+    from cbir.images import list_images
     from cbir.database import Database
     from cbir.indexing import index_images
 
@@ -38,12 +38,11 @@ def main(argv=None) -> None:
         # Only the classes the extractor never saw (the "test" half of cbir.splits) go into the database.
         samples = restrict_samples(samples, "test", args.generalise, seed=args.split_seed, split_file=args.split_file)
     with Database.open(args.db_name, home=args.home, redis_url=args.redis_url, create=True) as db:
-        extractor = build_extractor(args, None if args.rewrite else db.extractor)
-        info = describe_extractor(extractor, args.weights or (db.extractor or {}).get("weights"))
+        encoder = build_extractor(args, None if args.rewrite else db.extractor)
         if args.rewrite:
             db.clear()
-        db.set_extractor(info)
-        summary = index_images(extractor, db, samples, batch_size=args.batch_size, num_workers=args.num_workers,
+        db.set_extractor(encoder.describe())
+        summary = index_images(encoder, db, samples, batch_size=args.batch_size, num_workers=args.num_workers,
                                chunk=args.chunk)
         print(summary.format(args.db_name, len(db)))
 

@@ -37,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    from cbir.data import Sample, list_images
+    from cbir.images import Sample, list_images
     from cbir.database import Database
     from cbir.errors import CbirError
     from cbir.kmeans import embeddings_from_database, embeddings_from_folder, pixels_of, run_kmeans

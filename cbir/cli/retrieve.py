@@ -21,7 +21,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    from cbir.data import list_images
+    from cbir.images import list_images
     from cbir.database import Database
     from cbir.errors import CbirError
     from cbir.retrieval import one_query_per_class, safe_name, save_retrieval, search_samples

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -45,6 +46,8 @@ INDEX_FILE = "faiss.index"
 NAMES_FILE = "names.npz"
 MIN_POINTS_PER_LIST = 39  # FAISS warns below 39 training points per centroid
 _REDIS_FILES = ("redis.db", "appendonly.aof")
+
+log = logging.getLogger(__name__)
 
 
 def default_home() -> Path:
@@ -114,6 +117,24 @@ def _fingerprint(info: dict | None) -> str:
 def _describe_extractor(info: dict) -> str:
     fingerprint = _fingerprint(info)
     return f"{info.get('name', '?')} (fingerprint {fingerprint[:12]})"
+
+
+def _precision(info: dict | None) -> str:
+    """fp32 for databases built before the backend was recorded (PyTorch, fp32)."""
+    return str((info or {}).get("precision") or "fp32")
+
+
+def _check_precision(name: str, recorded: dict | None, info: dict, *, adding: bool) -> None:
+    """int8 vectors are near, not equal, to float ones (cosine >= 0.99): never mixed in one database, and a
+    query of the other kind is searched with a warning. fp16 and fp32 agree to cosine 0.9999 and mix freely."""
+    if recorded is None or (_precision(recorded) == "int8") == (_precision(info) == "int8"):
+        return
+    built = f"{_precision(recorded)} vectors ({recorded.get('backend') or 'torch'} backend)"
+    given = f"{_precision(info)} ({info.get('backend') or 'torch'})"
+    if adding:
+        raise DatabaseError(f"database '{name}' holds {built}; these are {given}; index with the precision it was "
+                            "built with (leave --backend and --int8 out), --rewrite it, or use another --db_name")
+    log.warning("database '%s' holds %s; these queries are %s: results may differ slightly", name, built, given)
 
 
 def _check_extractor_info(info) -> dict:
@@ -284,6 +305,7 @@ class Database:
                 f"database '{self.name}' was built with extractor {_describe_extractor(recorded)}; these vectors "
                 f"come from {_describe_extractor(info)}; use --rewrite to rebuild it or another --db_name"
             )
+        _check_precision(self.name, recorded, info, adding=True)
 
     @_redis_errors
     def check_extractor(self, info: dict) -> None:
@@ -297,6 +319,7 @@ class Database:
                 f"come from {_describe_extractor(info)}; query it with the extractor it was built with "
                 "(its --weights) or rebuild it with --rewrite"
             )
+        _check_precision(self.name, recorded, info, adding=False)
 
     def _check_dim_of(self, info: dict, *, adding: bool) -> None:
         dim = self._store.snapshot().dim

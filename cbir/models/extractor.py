@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from cbir.data import build_transform
 from cbir.errors import CbirError
+from cbir.inference import check_flags
 # Registration order is the order list_models() shows: the thesis's backbones, then the self-trained models.
 from cbir.models import backbones as _backbones  # noqa: F401, I001
 from cbir.models import timm_models as _timm_models  # noqa: F401 — deit and the timm:<name> family
@@ -220,15 +221,7 @@ def load_extractor(
 ) -> Extractor:
     """Rebuild the extractor a checkpoint describes; explicit settings that contradict it are refused."""
     payload = read_checkpoint(path)
-    config = payload["config"]
-    for flag, given, stored in (
-        ("--extractor", model, config["model"]),
-        ("--num_features", num_features, config["embedding_size"]),
-        ("--dr_model", dr_model, bool(config.get("dr_model"))),
-    ):
-        if given is not None and given != stored:
-            raise CbirError(f"{path} holds a '{config['model']}' extractor with {flag} {stored}, not {given}; "
-                            f"drop {flag} (the checkpoint carries its own configuration)")
+    check_flags(payload["config"], path, model=model, num_features=num_features, dr_model=dr_model)
     return extractor_from_checkpoint(payload)
 
 
