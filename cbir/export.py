@@ -14,11 +14,13 @@ and a content key can never be stale. int8 needs calibration images, so it is ma
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import random
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -78,6 +80,25 @@ def _graph(extractor):
     return PreparedImages().eval()
 
 
+@contextlib.contextmanager
+def _silenced_output():
+    """The TorchScript exporter prints the whole graph from C++ when an operator fails: not the user's business
+    (the exception says what failed)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 1)
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
 def _write_metadata(path: Path, metadata: dict) -> None:
     import onnx
 
@@ -107,7 +128,7 @@ def export_onnx(extractor, path: str | os.PathLike, *, checkpoint_sha256: str, i
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     tmp = _atomic_target(path)
     try:
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), _silenced_output():
             warnings.simplefilter("ignore")
             # The TorchScript exporter: a few seconds for a CNN, where the dynamo one took 30 s on 2 cores.
             torch.onnx.export(_graph(extractor), (example,), str(tmp), input_names=["images"],
@@ -153,10 +174,24 @@ def calibration_samples(samples: list, count: int, seed: int = 0) -> list:
     return picked[:count]
 
 
+def _kept_in_float(model) -> list[str]:
+    """Nodes left in fp32: the input's scaling before the first convolution, that convolution, the last matrix
+    product (the head) and the L2 normalisation after it. On histo-bench images with EfficientNet-Lite0 this
+    raised the worst cosine to fp32 from 0.86 to 0.90 for 10% of the int8 speed-up."""
+    nodes = list(model.graph.node)
+    compute = [i for i, n in enumerate(nodes) if n.op_type in ("Conv", "Gemm", "MatMul")]
+    if not compute:
+        return []
+    first, last = compute[0], compute[-1]
+    return [n.name for n in nodes[: first + 1]] + [n.name for n in nodes[last:]]
+
+
 def quantize_int8(fp32_path: str | os.PathLike, path: str | os.PathLike, batches) -> Path:
     """Static int8 quantisation (QDQ, per-channel weights, MinMax activations) of an exported fp32 model.
 
-    ``batches`` yields uint8 N×H×W×3 arrays of calibration images (a few hundred training images).
+    ``batches`` yields uint8 N×H×W×3 arrays of calibration images (a few hundred training images). Weights use
+    7 bits (``reduce_range``): x86 CPUs without VNNI multiply uint8 by int8 into saturating 16-bit sums, which
+    with full-range weights dropped EfficientNet-Lite0's worst cosine to fp32 to 0.56 on this project's machines.
     """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -181,7 +216,8 @@ def quantize_int8(fp32_path: str | os.PathLike, path: str | os.PathLike, batches
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
         try:
             quantize_static(str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                            reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=_kept_in_float(onnx.load(str(prepared))))
             _write_metadata(tmp, {**source, "precision": "int8"})
             os.chmod(tmp, 0o600)
             os.replace(tmp, path)

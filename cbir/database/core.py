@@ -217,6 +217,7 @@ class Database:
         self._dirty = False
         self._names = NameTable()  # id -> (path, class) of the current generation
         self._closed = False
+        self._mirror = True  # keep an in-memory FAISS index in step with our writes (see writes_only)
         # A Database never closed still lets go of Redis when collected or at exit (its FAISS changes are then
         # not saved; they are rebuilt from Redis, which has them).
         self._release = weakref.finalize(self, server.release if server is not None else client.close)
@@ -342,6 +343,9 @@ class Database:
         snap = self._store.snapshot()
         if snap.uid is None:
             raise DatabaseError(f"database '{self.name}' was dropped by another command")
+        if not self._mirror:
+            self._uid = snap.uid
+            return snap
         if not self._loaded or snap.uid != self._uid or snap.factory != self._factory:
             self._load(snap)
         if snap.version != self._version:
@@ -478,12 +482,15 @@ class Database:
             version, replaced = self._store.add_chunk(
                 self._uid, ids[part], enc_paths[part], enc_classes[part], vectors[part]
             )
-            self._names.put(ids[part], enc_paths[part], enc_classes[part])
+            if self._mirror:
+                self._names.put(ids[part], enc_paths[part], enc_classes[part])
             self._after_write(version, added=(ids[part], vectors[part]), removed=replaced)
         return [id_of_path[p] for p in paths]
 
     def _after_write(self, version: int, *, added=None, removed=None) -> None:
         """Mirror our own write in FAISS; writes of other processes in between are caught up by the log."""
+        if not self._mirror:
+            return
         if removed is not None and len(removed):
             self._remove_from_index(removed)
         if added is not None and len(added[0]):
@@ -498,6 +505,14 @@ class Database:
             self._dirty = True
         if version == self._version + 1:
             self._version = version
+
+    def writes_only(self) -> "Database":
+        """From now on, write to Redis only and keep no FAISS index in this process: for the many workers of a
+        distributed indexing run (cbir.distributed), each of which would otherwise load and follow the whole
+        index. The next process that searches (or calls ``info``) catches the FAISS side up from Redis."""
+        self._mirror = False
+        self._index, self._loaded, self._dirty = None, False, False
+        return self
 
     @_redis_errors
     def has_paths(self, paths) -> list[bool]:
