@@ -211,9 +211,43 @@ def commands(args) -> None:
                            capture_output=True)
 
 
+def accuracy(args) -> None:
+    """histo-bench class top-1 of fp32 and int8 (one calibration draw per seed) on the same checkpoint."""
+    import json
+
+    from cbir.cli import evaluate, export, index
+    from cbir.cli.common import run
+    from cbir.models import create_extractor, save_extractor
+
+    header(f", checkpoint: effnet {'frozen ImageNet features' if args.num_features == 0 else f'{args.num_features}-d head'}")
+    data = Path(args.data)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        os.environ.update(CBIR_HOME=str(tmp / "home"), CBIR_CACHE=str(tmp / "cache"))
+        weights = tmp / "effnet.pt"
+        __import__("torch").manual_seed(0)
+        save_extractor(weights, create_extractor("effnet", args.num_features, pretrained=True))
+        results = {}
+        variants = [("fp32", [], None)] + [(f"int8 seed {s}", ["--int8"], s) for s in args.seeds]
+        for label, flags, seed in variants:
+            if seed is not None:
+                assert run(export.main, ["--weights", str(weights), "--int8", "--calibration_data",
+                                         str(data / "train"), "--calibration_images", str(args.calibration),
+                                         "--seed", str(seed)]) == 0
+            db = ["--db_name", f"db{len(results)}"]
+            assert run(index.main, ["--path", str(data / "index"), "--weights", str(weights), *flags, *db]) == 0
+            out = tmp / f"r{len(results)}.json"
+            assert run(evaluate.main, ["--path", str(data / "query"), "--measure", "all", *db, "--output",
+                                       str(out)]) == 0
+            numbers = json.loads(out.read_text())
+            results[label] = numbers
+            print(f"{label}: {json.dumps(numbers['scores'])}", flush=True)
+        Path(args.output).write_text(json.dumps(results, indent=2)) if args.output else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["models", "commands"])
+    p.add_argument("what", choices=["models", "commands", "accuracy"])
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--models", nargs="+", default=["effnet", "densenet", "resnet"])
     p.add_argument("--images", type=int, default=128, help="models: images per round")
@@ -222,9 +256,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--before", default="main", help="commands: git ref of today's code")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="accuracy: int8 calibration draws")
+    p.add_argument("--num_features", type=int, default=0, help="accuracy: 0 = the frozen backbone's features")
+    p.add_argument("--output", default=None, help="accuracy: every number as JSON")
     args = p.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    models(args) if args.what == "models" else commands(args)
+    {"models": models, "commands": commands, "accuracy": accuracy}[args.what](args)
 
 
 if __name__ == "__main__":

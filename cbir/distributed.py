@@ -13,6 +13,7 @@ command again adds only those.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -36,7 +37,10 @@ class RayIndexSummary(IndexSummary):
         return text
 
 
-def _import_ray():
+def _import_ray(local: bool):
+    if local:
+        # Ray's single-machine mode: every process on loopback, none on the machine's network address.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError:
@@ -93,7 +97,7 @@ def ray_index(samples: list[Sample], *, weights: str, db_name: str, redis_url: s
     if address and not redis_url:
         raise CbirError("--ray ADDRESS spreads the work over machines: give --redis_url (or $CBIR_REDIS_URL) of a "
                         "Redis server every node reaches")
-    ray = _import_ray()
+    ray = _import_ray(local=not address)
     start = time.perf_counter()
     summary = RayIndexSummary()
     with Database.open(db_name, home=home, redis_url=redis_url) as db:
@@ -102,7 +106,9 @@ def ray_index(samples: list[Sample], *, weights: str, db_name: str, redis_url: s
     summary.already_stored = len(samples) - len(todo)
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # A Ray started here serves this machine only: keep it on loopback.
+        local = {} if address else {"_node_ip_address": "127.0.0.1"}
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False, **local)
     try:
         if todo:
             summary.workers = _run(ray, todo, summary, weights=weights, backend=backend, int8=int8,

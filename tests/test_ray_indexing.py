@@ -3,6 +3,7 @@ redis-server over TCP; one worker node is killed part way, the run is repeated, 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter
@@ -16,6 +17,8 @@ from cbir.models import create_extractor, save_extractor
 from cbir.synthetic import make_dataset
 from redis_processes import no_server_left_behind, redis_url  # noqa: F401 — fixtures
 
+# Every Ray process on loopback (Ray's single-machine mode): without it Ray binds to the machine's network address.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 ray = pytest.importorskip("ray", reason="Ray is a test dependency (pip install -e '.[test]')")
 from ray.cluster_utils import Cluster  # noqa: E402
 
@@ -27,10 +30,12 @@ def cluster(tmp_path, monkeypatch):
     """Head (no CPU for work: it only schedules) + two one-CPU worker nodes, all on this machine; their processes
     inherit the test's private export cache."""
     monkeypatch.setenv("CBIR_CACHE", str(tmp_path / "cache"))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 * 2**20,
-                                                            "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20) for _ in range(2)]
+    loopback = {"node_ip_address": "127.0.0.1", "object_store_memory": 80 * 2**20}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, **loopback})
+    workers = [cluster.add_node(num_cpus=1, **loopback) for _ in range(2)]
     cluster.wait_for_nodes()
+    # The driver (this test, then ray_index) joins on loopback too.
+    ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False, include_dashboard=False)
     yield cluster, workers
     if ray.is_initialized():
         ray.shutdown()

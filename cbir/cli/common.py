@@ -70,7 +70,9 @@ def build_extractor(args, recorded: dict | None = None):
     if args.batch_size is not None and args.batch_size < 1:
         raise CbirError(f"--batch_size must be at least 1, got {args.batch_size}")
     backend = args.backend or recorded.get("backend")
-    int8 = args.int8 if args.int8 is not None else recorded.get("precision") == "int8"
+    int8 = args.int8
+    if int8 is None:  # as the database was built, unless a backend without int8 was asked for
+        int8 = recorded.get("precision") == "int8" and args.backend != "torch"
     device = f"cuda:{args.gpu_id}" if args.gpu_id is not None else None
     weights = args.weights or recorded.get("weights")
     checks = dict(model=args.extractor, num_features=args.num_features,
