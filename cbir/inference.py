@@ -260,15 +260,17 @@ def _load_extractor(weights, model, num_features, dr_model):
 
 
 def check_flags(config: dict, path, *, model=None, num_features=None, dr_model=None) -> None:
-    """Refuse command-line settings that contradict the configuration a checkpoint (or its export) carries."""
-    for flag, given, stored in (
-        ("--extractor", model, config["model"]),
-        ("--num_features", num_features, config["embedding_size"]),
-        ("--dr_model", dr_model, bool(config.get("dr_model"))),
+    """Refuse settings that contradict the configuration a checkpoint (or its export) carries."""
+    from cbir.errors import ParameterError
+
+    for name, given, stored in (
+        ("model", model, config["model"]),
+        ("num_features", num_features, config["embedding_size"]),
+        ("dr_model", dr_model, bool(config.get("dr_model"))),
     ):
         if given is not None and given != stored:
-            raise CbirError(f"{path} holds a '{config['model']}' extractor with {flag} {stored}, not {given}; "
-                            f"drop {flag} (the checkpoint carries its own configuration)")
+            raise ParameterError(f"{path} holds a '{config['model']}' extractor with {{{name}}} {stored}, not "
+                                 f"{given}; drop {{{name}}} (the checkpoint carries its own configuration)", name)
 
 
 def as_encoder(extractor_or_encoder, device=None):

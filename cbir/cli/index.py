@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cbir.cli.common import build_extractor, database_args, entry_point, extractor_args
-from cbir.splits import add_generalise_args
+from cbir.cli.common import build_extractor, database_args, entry_point, extractor_args, generalise_args
 
 
 def parser() -> argparse.ArgumentParser:
@@ -19,7 +18,7 @@ def parser() -> argparse.ArgumentParser:
                    help="embed on Ray workers (one per GPU, else one per node): alone, Ray on this machine; with the "
                         "ADDRESS of a running cluster, its nodes (then --redis_url must name a Redis they all reach)")
     p.add_argument("--ray_workers", type=int, default=None, help="with --ray: number of workers (default: as above)")
-    add_generalise_args(p)
+    generalise_args(p)
     database_args(p)
     extractor_args(p)
     return p
@@ -38,7 +37,7 @@ def main(argv=None) -> None:
         raise CbirError(f"--ray_workers must be at least 1, got {args.ray_workers}")
     samples = list_images(args.path)  # checked before anything is opened or emptied
     if args.generalise in (1, 2):
-        from cbir.splits import restrict_samples
+        from cbir.labels import restrict_samples
 
         # Only the classes the extractor never saw (the "test" half of cbir.splits) go into the database.
         samples = restrict_samples(samples, "test", args.generalise, seed=args.split_seed, split_file=args.split_file)
