@@ -32,10 +32,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    from cbir.images import list_samples
     from cbir.database import Database
     from cbir.errors import CbirError
     from cbir.evaluation import evaluate, plot_confusion_matrices, results_to_request, write_excel_sheet
+    from cbir.images import list_samples
     from cbir.labels import LevelMaps, read_cluster_labels, restrict_samples
     from cbir.retrieval import search_function
 
