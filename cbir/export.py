@@ -214,6 +214,8 @@ def quantize_int8(fp32_path: str | os.PathLike, path: str | os.PathLike, batches
         prepared = Path(work) / "prepared.onnx"
         # Shape inference and graph folding first, as ONNX Runtime's quantisation guide asks.
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
+        # ONNX Runtime's quantiser warns on the root logger for every tensor it leaves alone: hundreds of lines.
+        logging.disable(logging.WARNING)
         try:
             quantize_static(str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -225,6 +227,7 @@ def quantize_int8(fp32_path: str | os.PathLike, path: str | os.PathLike, batches
             os.chmod(tmp, 0o600)
             os.replace(tmp, path)
         finally:
+            logging.disable(logging.NOTSET)
             tmp.unlink(missing_ok=True)
     return path
 
