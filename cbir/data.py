@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import Counter
 
 import torch
@@ -21,6 +22,16 @@ from cbir.images import (IMAGE_EXTENSIONS, Sample, UnreadableImage, is_image_fil
                          list_samples, load_image)
 
 log = logging.getLogger(__name__)
+
+def default_workers() -> int:
+    """DataLoader worker processes beside a model: one core is left to the model; the workers only decode."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def decoding_threads() -> int:
+    """Threads that only decode and resize (no model beside them): every core, at most four."""
+    return max(1, min(4, os.cpu_count() or 1))
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -115,7 +126,7 @@ class ClassBalancedBatches(torch.utils.data.Sampler):
         return self.num_batches
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         classes = list(self.by_class)
         for _ in range(self.num_batches):
             batch = []

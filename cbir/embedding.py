@@ -22,7 +22,7 @@ from cbir.inference import as_encoder, available_cores, default_batch_size, pick
 log = logging.getLogger(__name__)
 
 
-def default_workers(n_images: int | None = None, batch_size: int = 32) -> int:
+def decoding_workers(n_images: int | None = None, batch_size: int = 32) -> int:
     """Decoding processes: none for what fits in one batch (a worker's start costs more than it saves), else
     one per core but the one the model runs on, at most 4."""
     if n_images is not None and n_images <= batch_size:
@@ -57,7 +57,7 @@ def iter_prepared(samples: list[Sample], input_size: int, *, batch_size: int = 3
 
     Unreadable files are warned about and left out of the indices.
     """
-    workers = default_workers(len(samples), batch_size) if num_workers is None else num_workers
+    workers = decoding_workers(len(samples), batch_size) if num_workers is None else num_workers
     starts = range(0, len(samples), batch_size)
     jobs = (([s.path for s in samples[i : i + batch_size]], input_size) for i in starts)
 
@@ -110,6 +110,28 @@ def iter_embeddings(encoder, samples: list[Sample], *, batch_size: int | None = 
         bar.update(len(indices))
         yield [samples[i] for i in indices], vectors, seconds
     bar.close()
+
+
+def embedding_search(encoder, answer, *, batch_size: int | None = None, num_workers: int | None = None):
+    """``search(paths) -> (result paths, result classes, timings)``, the shape :func:`cbir.evaluation.evaluate`
+    calls: the queries are embedded, then ``answer(vectors) -> (paths per row, classes per row)`` answers them.
+
+    Timings per batch: ``model`` (forward passes), ``transfer`` (decoding, resizing and moving images: the rest of
+    embedding), ``search`` (the answer). An unreadable query gets no results and so counts as a miss.
+    """
+
+    def search(paths: list[str]):
+        embedded = embed(encoder, [Sample(p, "") for p in paths], batch_size=batch_size, num_workers=num_workers)
+        start = time.perf_counter()
+        found_paths, found_classes = answer(embedded.vectors) if embedded.samples else ([], [])
+        seconds_search = time.perf_counter() - start
+        row = {s.path: i for i, s in enumerate(embedded.samples)}
+        timings = {"model": embedded.seconds_model, "transfer": embedded.seconds_total - embedded.seconds_model,
+                   "search": seconds_search}
+        return ([found_paths[row[p]] if p in row else [] for p in paths],
+                [found_classes[row[p]] if p in row else [] for p in paths], timings)
+
+    return search
 
 
 def embed(encoder, samples: list[Sample], **kwargs) -> Embeddings:
