@@ -127,6 +127,10 @@ def export_onnx(extractor, path: str | os.PathLike, *, checkpoint_sha256: str, i
     size = int(extractor.config["input_size"])
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     tmp = _atomic_target(path)
+    # PyTorch's fused attention kernel (the "fast path" of nn.MultiheadAttention in eval mode) has no ONNX form;
+    # the plain path computes the same thing.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), _silenced_output():
             warnings.simplefilter("ignore")
@@ -145,6 +149,7 @@ def export_onnx(extractor, path: str | os.PathLike, *, checkpoint_sha256: str, i
         raise CbirError(f"'{extractor.config['model']}' does not export to ONNX "
                         f"({exc.__class__.__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''})") from None
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         tmp.unlink(missing_ok=True)
     return path
 
