@@ -224,10 +224,10 @@ def quantize_int8(fp32_path: str | os.PathLike, path: str | os.PathLike, batches
         try:
             quantize_static(str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=_kept_in_float(onnx.load(str(prepared))),
-                            # Ranges are folded in every few batches: by default ONNX Runtime keeps every
-                            # activation of every calibration image (DenseNet121, 300 images: over 10 GB).
-                            extra_options={"CalibMaxIntermediateOutputs": 2})
+                            # ONNX Runtime keeps every activation of every calibration image until the end
+                            # (DenseNet121 on 300 images: over 10 GB); its CalibMaxIntermediateOutputs option
+                            # would bound that but, in 1.32, drops the ranges it collected instead of merging them.
+                            nodes_to_exclude=_kept_in_float(onnx.load(str(prepared))))
             _write_metadata(tmp, {**source, "precision": "int8"})
             os.chmod(tmp, 0o600)
             os.replace(tmp, path)
