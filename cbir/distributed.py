@@ -62,8 +62,22 @@ class _ChunkIndexer:
     def index(self, paths: list[str], classes: list[str]) -> dict:
         from cbir.indexing import index_images
 
-        summary = index_images(self.encoder, self.db, [Sample(p, c) for p, c in zip(paths, classes)],
-                               num_workers=self.decoders, progress=False, chunk=len(paths))
+        from cbir.images import UnreadableImage, load_image
+
+        try:
+            summary = index_images(self.encoder, self.db, [Sample(p, c) for p, c in zip(paths, classes)],
+                                   num_workers=self.decoders, progress=False, chunk=len(paths))
+        except CbirError:
+            # A chunk of nothing but unreadable files: skipped and reported like any other, never fatal to the run.
+            unreadable = []
+            for path in paths:
+                try:
+                    load_image(path)
+                except UnreadableImage:
+                    unreadable.append(path)
+            if len(unreadable) < len(paths):
+                raise
+            return {"added": 0, "already": 0, "seconds_model": 0.0, "skipped": unreadable}
         return {"added": summary.added, "already": summary.already_stored, "seconds_model": summary.seconds_model,
                 "skipped": [s.path for s in summary.skipped]}
 
