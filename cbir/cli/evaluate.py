@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     maps, cluster_labels = check(args)
 
     # Heavy parts (torch, FAISS, pandas) load only now, after the flags are checked: bad flags answer at once.
-    from cbir.data import list_samples
+    from cbir.images import list_samples
     from cbir.database import Database
     from cbir.evaluation import evaluate, plot_confusion_matrices, results_to_request, write_excel_sheet
     from cbir.files import write_text_atomically
@@ -69,7 +69,7 @@ def main(argv=None) -> None:
                 seed=args.seed, repeats=args.repeats, maps=maps, max_queries=args.max_queries,
                 remove_classes=args.remove_classes.split(",") if args.remove_classes else None,
                 project_name=args.project_name, class_name=args.class_name, exclude_same=args.exclude_same,
-                batch_size=max(args.batch_size, 64), bootstrap=args.bootstrap, cluster_labels=cluster_labels,
+                batch_size=512, bootstrap=args.bootstrap, cluster_labels=cluster_labels,
                 db_class_counts=db_class_counts, progress=bar.update,
             )
     print(report.format())

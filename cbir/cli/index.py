@@ -19,6 +19,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=at_least(1), default=512,
                    help="images embedded before each database write (default: 512); a killed run loses at most "
                         "this many, and re-running adds only what is missing")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="embed on Ray workers (one per GPU, else one per node): alone, Ray on this machine; with the "
+                        "ADDRESS of a running cluster, its nodes (then --redis_url must name a Redis they all reach)")
+    p.add_argument("--ray_workers", type=at_least(1), default=None,
+                   help="with --ray: number of workers (default: as above)")
     generalise_args(p)
     database_args(p)
     extractor_args(p)
@@ -44,7 +49,7 @@ def main(argv=None) -> None:
     existed = check(args)
 
     # Heavy parts (torch, FAISS, pandas) load only now, after the flags are checked: bad flags answer at once.
-    from cbir.data import list_images
+    from cbir.images import list_images
     from cbir.database import Database
     from cbir.indexing import index_images
     from cbir.labels import restrict_samples
@@ -58,13 +63,35 @@ def main(argv=None) -> None:
         extractor = extractor or build_extractor(args, db.extractor)
         info = describe_extractor(extractor, args.weights or (db.extractor or {}).get("weights"))
         try:
-            summary = index_images(extractor, db, samples, batch_size=args.batch_size, num_workers=args.num_workers,
-                                   chunk=args.chunk, rewrite=args.rewrite, extractor_info=info)
+            if args.ray is None:
+                summary = index_images(extractor, db, samples, batch_size=args.batch_size,
+                                       num_workers=args.num_workers, chunk=args.chunk, rewrite=args.rewrite,
+                                       extractor_info=info)
+            else:
+                summary = index_on_ray(args, extractor, db, samples, info)
         except CbirError:
             if not existed and len(db) == 0:
                 db.drop()  # made by this run, and nothing could go in: leave no empty database behind
             raise
         print(summary.format(args.db_name, len(db)))
+    if getattr(summary, "lost", None):
+        raise CbirError(f"{len(summary.lost)} images were not stored; run the same command again to add them")
+
+
+def index_on_ray(args, encoder, db, samples, info):
+    """The Ray workers write to the database; this process records the extractor first and catches FAISS up."""
+    from cbir.distributed import ray_index
+
+    if not encoder.weights:
+        raise CbirError("--ray workers load the extractor from its checkpoint: give --weights")
+    if args.rewrite:
+        db.clear()
+    db.set_extractor(info)
+    summary = ray_index(samples, weights=encoder.weights, db_name=args.db_name, redis_url=args.redis_url,
+                        home=args.home, address=None if args.ray == "local" else args.ray, backend=encoder.backend,
+                        int8=encoder.precision == "int8", workers=args.ray_workers, chunk=args.chunk)
+    db.info()  # catches the FAISS index up with what the workers stored; saved on close
+    return summary
 
 
 console_script = entry_point(main)

@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     check(args)
 
     # Heavy parts (torch, FAISS, pandas) load only now, after the flags are checked: bad flags answer at once.
-    from cbir.data import list_images
+    from cbir.images import list_images
     from cbir.database import Database
     from cbir.retrieval import one_query_per_class, safe_name, save_retrieval, search_samples
 
