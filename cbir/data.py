@@ -36,6 +36,10 @@ class Sample:
     path: str
     class_name: str
 
+    def load(self) -> Image.Image:
+        """The image as 8-bit RGB (a slide tile overrides this to read its region of the slide)."""
+        return load_image(self.path)
+
 
 def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
@@ -143,7 +147,7 @@ class ImageDataset(Dataset):
     def load(self, index: int):
         """The image of sample ``index``, or ``None`` (warned, and later counted) when it cannot be read."""
         try:
-            return load_image(self.samples[index].path)
+            return self.samples[index].load()
         except UnreadableImage as exc:
             log.warning("skipping %s", exc)
             return None

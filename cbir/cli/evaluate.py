@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from cbir.cli.common import build_extractor, database_args, entry_point, extractor_args, protocol_args
+from cbir.cli.slide_flags import slide_args, tiling_spec
 from cbir.splits import add_generalise_args
 
 
@@ -22,10 +23,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=int, default=None, help="inverted lists searched (approximate index only)")
     p.add_argument("--map_at_r", action="store_true",
                    help="also MAP@R (asks the search for as many results as the largest class holds)")
+    p.add_argument("--slides_depth", type=int, default=1000,
+                   help="--slides: stored tiles each mosaic tile looks at to rank slides (default 1000)")
     add_generalise_args(p)
     p.add_argument("--cluster_labels", default=None,
                    help="image -> cluster labels (cbir-kmeans --out: its cluster_labels.json) for the cluster-level "
                         "scores; required by --generalise 3; label the query folder too (cbir-kmeans --load partial)")
+    slide_args(p)
     database_args(p)
     extractor_args(p)
     return p
@@ -42,6 +46,8 @@ def main(argv=None) -> None:
     from cbir.splits import restrict_samples
 
     args = parser().parse_args(argv)
+    if args.slides:
+        return evaluate_slides(args)
     queries = list_samples(args.path)
     if args.generalise in (1, 2):
         # The classes the extractor never saw: the "test" half, the same rule cbir-train and cbir-index use.
@@ -84,6 +90,31 @@ def main(argv=None) -> None:
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(report.to_dict(), indent=2))
+        print(f"numbers: {args.output}")
+
+
+def evaluate_slides(args) -> None:
+    """--slides: --path lists query slides; tile-level and slide-level numbers, leave-one-slide(patient)-out."""
+    from cbir.database import Database
+    from cbir.errors import CbirError
+    from cbir.evaluation import LevelMaps
+    from cbir.slides.scoring import evaluate_slides as evaluate
+    from cbir.slides.sources import list_slides
+
+    sources = list_slides(args.path)
+    try:
+        maps = LevelMaps.from_files(args.projects_csv, args.similar)
+    except (OSError, ValueError) as exc:
+        raise CbirError(str(exc)) from None
+    with Database.open(args.db_name, home=args.home, redis_url=args.redis_url) as db:
+        extractor = build_extractor(args, db.extractor)
+        result = evaluate(extractor, db, sources, tiling_spec(args, db), mpp=args.mpp, measure=args.measure,
+                          maps=maps, depth=args.slides_depth, nprobe=args.nprobe, batch_size=args.batch_size,
+                          num_workers=args.num_workers)
+    print(result.format())
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result.to_dict(), indent=2))
         print(f"numbers: {args.output}")
 
 

@@ -1,0 +1,51 @@
+"""A slide's mosaic, Yottixel-style: a few percent of its tissue tiles that cover its colours and its extent.
+
+Kalra et al., "Yottixel - An Image Search Engine for Large Archives of Histopathology Whole Slide Images" (2020):
+cluster the tissue tiles by colour, then sample each colour cluster spatially (k-means on the tile positions,
+the tile nearest each centre). Here colour comes from the tile's footprint on the thumbnail, so the mosaic is
+known before a single tile is read at full resolution.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.cluster import KMeans
+
+COLOUR_CLUSTERS = 9
+_BINS = 8
+
+
+def colour_features(thumbnail: np.ndarray, boxes: np.ndarray, downsample: float) -> np.ndarray:
+    """Per level-0 box, the normalised 8-bin histogram of each RGB channel of its thumbnail footprint (n × 24)."""
+    height, width = thumbnail.shape[:2]
+    features = np.zeros((len(boxes), 3 * _BINS), dtype=np.float32)
+    for row, (x, y, w, h) in enumerate(boxes.tolist()):
+        x0, y0 = min(int(x / downsample), width - 1), min(int(y / downsample), height - 1)
+        x1, y1 = max(x0 + 1, int(np.ceil((x + w) / downsample))), max(y0 + 1, int(np.ceil((y + h) / downsample)))
+        pixels = thumbnail[y0:y1, x0:x1].reshape(-1, 3)
+        for channel in range(3):
+            counts = np.bincount(pixels[:, channel] // (256 // _BINS), minlength=_BINS)
+            features[row, channel * _BINS:(channel + 1) * _BINS] = counts / max(1, len(pixels))
+    return features
+
+
+def select_mosaic(colours: np.ndarray, positions: np.ndarray, fraction: float, *, seed: int = 0) -> np.ndarray:
+    """Indices (ascending) of the mosaic tiles: about ``fraction`` of the tiles, at least one per colour cluster."""
+    n = len(colours)
+    if n <= COLOUR_CLUSTERS:
+        return np.arange(n)
+    colour_labels = KMeans(COLOUR_CLUSTERS, n_init=3, random_state=seed).fit_predict(colours)
+    chosen: list[int] = []
+    for label in range(COLOUR_CLUSTERS):
+        members = np.flatnonzero(colour_labels == label)
+        if not len(members):
+            continue
+        wanted = max(1, int(round(fraction * len(members))))
+        if wanted >= len(members):
+            chosen.extend(members.tolist())
+            continue
+        spatial = KMeans(wanted, n_init=1, random_state=seed).fit(positions[members].astype(np.float64))
+        for centre in spatial.cluster_centers_:
+            nearest = members[int(np.argmin(((positions[members] - centre) ** 2).sum(axis=1)))]
+            chosen.append(int(nearest))
+    return np.unique(np.asarray(chosen, dtype=np.int64))
