@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -128,10 +129,13 @@ def _slide_mpp(handle: openslide.AbstractSlide) -> float | None:
 
 def _open_plain_image(path: str) -> openslide.ImageSlide:
     try:
-        with Image.open(path) as image:
-            width, height = image.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's warnings about a broken file: the error below says it
+            with Image.open(path) as image:
+                width, height = image.size
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        raise SlideError(f"{path}: not a slide nor an image (unknown format)") from None
+        raise SlideError(f"{path}: neither a slide OpenSlide reads nor an image (unknown format, or a damaged "
+                         "file)") from None
     if width * height > PLAIN_IMAGE_MAX_PIXELS:
         raise SlideError(
             f"{path}: a plain {width}×{height} image, not a tiled slide, too large to read whole; convert it to a "
