@@ -110,7 +110,7 @@ def evaluate_slides(args) -> None:
         extractor = build_extractor(args, db.extractor)
         result = evaluate(extractor, db, sources, tiling_spec(args, db), mpp=args.mpp, measure=args.measure,
                           maps=maps, depth=args.slides_depth, nprobe=args.nprobe, batch_size=args.batch_size,
-                          num_workers=args.num_workers)
+                          num_workers=args.num_workers, bootstrap=args.bootstrap, seed=args.seed)
     print(result.format())
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ class SlideEvaluation:
 
 def evaluate_slides(extractor, database, sources: list[SlideSource], spec: TilingSpec, *, mpp: float | None = None,
                     measure: str = "all", maps=None, depth: int = DEFAULT_DEPTH, nprobe=None, batch_size: int = 32,
-                    num_workers: int | None = None) -> SlideEvaluation:
+                    num_workers: int | None = None, bootstrap: int = 0, seed: int = 0) -> SlideEvaluation:
     """Tile-level and slide-level numbers of ``sources`` searched in ``database`` (see the module's text)."""
     database.check_extractor(extractor.describe())
     stored = database.extras()
@@ -88,7 +88,10 @@ def evaluate_slides(extractor, database, sources: list[SlideSource], spec: Tilin
                               excluded_most=tiles_of[mosaics[p][1]], depth=depth, nprobe=nprobe)[:K] for p in paths]
         return [[h.slide for h in row] for row in ranked], [[h.class_name for h in row] for row in ranked], {}
 
-    tile_report = evaluate(tile_paths, tile_classes, tile_search, measure=measure, k=K, maps=maps)
+    tile_report = evaluate(tile_paths, tile_classes, tile_search, measure=measure, k=K, maps=maps,
+                           bootstrap=bootstrap, seed=seed)
+    # Slides are few: every one is a query (macro-averaged over classes with --measure weighted).
     slide_report = evaluate([p for p, _ in queries], [c for _, c in queries], slide_search,
-                            measure="weighted" if measure == "weighted" else "all", k=K, maps=maps)
+                            measure="weighted" if measure == "weighted" else "all", k=K, maps=maps,
+                            bootstrap=bootstrap, seed=seed)
     return SlideEvaluation(tile_report, slide_report, key, skipped)
