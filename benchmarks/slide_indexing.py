@@ -75,7 +75,8 @@ def main() -> None:
                 assert summary.added == len(tiles) == len(db), (summary.added, len(tiles))
             return summary.added / summary.seconds
 
-        forward()  # warm-up
+        with torch.inference_mode():
+            extractor(tensors[: args.batch_size])  # warm-up: first-call allocations
         bare, indexed = [], []
         for round_no in range(args.rounds):
             bare.append(forward())
