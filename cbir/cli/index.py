@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from cbir.cli.common import build_extractor, database_args, describe_extractor, entry_point, extractor_args
+from cbir.cli.common import (build_extractor, database_args, describe_extractor, entry_point, extractor_args,
+                             generalise_args)
 from cbir.cli.slide_flags import slide_args, tiling_spec, wants_slides
-from cbir.splits import add_generalise_args
 
 
 def parser() -> argparse.ArgumentParser:
@@ -17,7 +17,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=512,
                    help="images embedded before each database write (default: 512); a killed run loses at most "
                         "this many, and re-running adds only what is missing")
-    add_generalise_args(p)
+    generalise_args(p)
     slide_args(p, indexing=True)
     database_args(p)
     extractor_args(p)
@@ -38,7 +38,7 @@ def main(argv=None) -> None:
         return index_slides(args)
     samples = list_images(args.path)  # checked before anything is opened or emptied
     if args.generalise in (1, 2):
-        from cbir.splits import restrict_samples
+        from cbir.labels import restrict_samples
 
         # Only the classes the extractor never saw (the "test" half of cbir.splits) go into the database.
         samples = restrict_samples(samples, "test", args.generalise, seed=args.split_seed, split_file=args.split_file)
