@@ -101,6 +101,15 @@ def _frame(ax, colour: str, width: float = 4) -> None:
         spine.set_linewidth(width)
 
 
+def _save(fig, path: Path, title: str = "") -> Path:
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def plot_retrieval(query_image, query_class: str, neighbours: list[tuple], path: str | Path, *, title: str = "") -> Path:
     """The query beside its neighbours, each titled with rank, class and distance; correct classes framed green,
     others red.
@@ -138,12 +147,7 @@ def plot_retrieval(query_image, query_class: str, neighbours: list[tuple], path:
                                    "green frame ✓: same class\nred frame ✗: another class\n"
                                    "distance: squared L2 of unit vectors\n(2 - 2 cos: 0 = identical, 4 = opposite)",
                         fontsize=9, va="center", ha="left", transform=axes[0][1].transAxes)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def _boxed_thumbnail(ax, thumbnail, boxes, colour: str) -> None:
@@ -213,9 +217,4 @@ def plot_slide_search(query_tiles: list, query_thumbnail, query_boxes, query_tit
         else:
             _boxed_thumbnail(ax, result["thumbnail"], result["boxes"], colour)
         ax.set_title(result["slide_title"] if with_tiles else result["title"], fontsize=8, color=colour)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)

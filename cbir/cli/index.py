@@ -27,50 +27,42 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     from cbir.data import list_images
     from cbir.database import Database
+    from cbir.errors import CbirError
     from cbir.indexing import index_images
 
     args = parser().parse_args(argv)
     if args.chunk < 1:
-        from cbir.errors import CbirError
-
         raise CbirError(f"--chunk must be at least 1, got {args.chunk}")
-    if wants_slides(args):
-        return index_slides(args)
-    samples = list_images(args.path)  # checked before anything is opened or emptied
-    if args.generalise in (1, 2):
-        from cbir.labels import restrict_samples
+    slides = wants_slides(args)
+    if slides:
+        from cbir.slides.sources import list_slides
 
-        # Only the classes the extractor never saw (the "test" half of cbir.splits) go into the database.
-        samples = restrict_samples(samples, "test", args.generalise, seed=args.split_seed, split_file=args.split_file)
+        sources = list_slides(args.path)  # checked before anything is opened or emptied
+    else:
+        samples = list_images(args.path)
+        if args.generalise in (1, 2):
+            from cbir.labels import restrict_samples
+
+            # Only the classes the extractor never saw (the "test" half of cbir.splits) go into the database.
+            samples = restrict_samples(samples, "test", args.generalise, seed=args.split_seed,
+                                       split_file=args.split_file)
     with Database.open(args.db_name, home=args.home, redis_url=args.redis_url, create=True) as db:
         extractor = build_extractor(args, None if args.rewrite else db.extractor)
         info = describe_extractor(extractor, args.weights or (db.extractor or {}).get("weights"))
         if args.rewrite:
             db.clear()
         db.set_extractor(info)
-        summary = index_images(extractor, db, samples, batch_size=args.batch_size, num_workers=args.num_workers,
-                               chunk=args.chunk)
-        print(summary.format(args.db_name, len(db)))
+        if slides:
+            from cbir.slides.indexing import index_slides
 
-
-def index_slides(args) -> None:
-    from cbir.database import Database
-    from cbir.errors import CbirError
-    from cbir.slides.indexing import index_slides as index
-    from cbir.slides.sources import list_slides
-
-    sources = list_slides(args.path)  # checked before anything is opened or emptied
-    with Database.open(args.db_name, home=args.home, redis_url=args.redis_url, create=True) as db:
-        extractor = build_extractor(args, None if args.rewrite else db.extractor)
-        info = describe_extractor(extractor, args.weights or (db.extractor or {}).get("weights"))
-        if args.rewrite:
-            db.clear()
-        db.set_extractor(info)
-        spec = tiling_spec(args, db)
-        summary = index(extractor, db, sources, spec, mpp=args.mpp, mask_dir=args.mask_dir,
-                        batch_size=args.batch_size, num_workers=args.num_workers, chunk=args.chunk)
-        if len(sources) == 1 and summary.skipped_slides:
-            raise CbirError(summary.skipped_slides[0][1])
+            summary = index_slides(extractor, db, sources, tiling_spec(args, db), mpp=args.mpp,
+                                   mask_dir=args.mask_dir, batch_size=args.batch_size,
+                                   num_workers=args.num_workers, chunk=args.chunk)
+            if len(sources) == 1 and summary.skipped_slides:
+                raise CbirError(summary.skipped_slides[0][1])
+        else:
+            summary = index_images(extractor, db, samples, batch_size=args.batch_size,
+                                   num_workers=args.num_workers, chunk=args.chunk)
         print(summary.format(args.db_name, len(db)))
 
 
