@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from cbir.evaluation import EvalReport, evaluate
 from cbir.slides.reader import SlideError
 from cbir.slides.search import DEFAULT_DEPTH, query_vectors, rank_slides, search_tiles
@@ -48,10 +50,15 @@ class SlideEvaluation:
 
 def evaluate_slides(extractor, database, sources: list[SlideSource], spec: TilingSpec, *, mpp: float | None = None,
                     measure: str = "all", maps=None, depth: int = DEFAULT_DEPTH, nprobe=None, batch_size: int = 32,
-                    num_workers: int | None = None, bootstrap: int = 0, seed: int = 0) -> SlideEvaluation:
-    """Tile-level and slide-level numbers of ``sources`` searched in ``database`` (see the module's text)."""
+                    num_workers: int | None = None, bootstrap: int = 0, seed: int = 0,
+                    cache: dict | None = None) -> SlideEvaluation:
+    """Tile-level and slide-level numbers of ``sources`` searched in ``database`` (see the module's text).
+
+    ``cache`` (tile path -> vector), when given, is used and filled: a benchmark comparing mosaics embeds each
+    query tile once."""
     database.check_extractor(extractor.describe())
     stored = database.extras()
+    cache = {} if cache is None else cache
     by_patient = any(source.patient for source in sources)
     key = "patient" if by_patient else "slide"
     tiles_of = Counter(extra.get(key) or extra["slide"] for extra in stored.values())
@@ -64,7 +71,11 @@ def evaluate_slides(extractor, database, sources: list[SlideSource], spec: Tilin
             skipped.append(str(error))
             continue
         tiled.slide.close()
-        found = query_vectors(extractor, tiled.tiles, batch_size=batch_size, num_workers=num_workers)
+        missing = [tile for tile in tiled.tiles if tile.path not in cache]
+        if missing:
+            cache.update(zip((tile.path for tile in missing),
+                             query_vectors(extractor, missing, batch_size=batch_size, num_workers=num_workers)))
+        found = np.stack([cache[tile.path] for tile in tiled.tiles])
         group = (source.patient if by_patient else None) or tiled.slide.path
         for tile, vector in zip(tiled.tiles, found):
             vectors[tile.path] = (vector, group)
