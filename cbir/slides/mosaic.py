@@ -30,13 +30,15 @@ def colour_features(thumbnail: np.ndarray, boxes: np.ndarray, downsample: float)
 
 
 def select_mosaic(colours: np.ndarray, positions: np.ndarray, fraction: float, *, seed: int = 0) -> np.ndarray:
-    """Indices (ascending) of the mosaic tiles: about ``fraction`` of the tiles, at least one per colour cluster."""
+    """Indices (ascending) of the mosaic tiles: about ``fraction`` of the tiles (at least one), one or more from each
+    colour cluster; a slide whose mosaic holds fewer than 9 tiles gets that many colour clusters."""
     n = len(colours)
-    if n <= COLOUR_CLUSTERS:
+    clusters = min(COLOUR_CLUSTERS, max(1, int(round(fraction * n))))
+    if clusters >= n:
         return np.arange(n)
-    colour_labels = KMeans(COLOUR_CLUSTERS, n_init=3, random_state=seed).fit_predict(colours)
+    colour_labels = KMeans(clusters, n_init=3, random_state=seed).fit_predict(colours)
     chosen: list[int] = []
-    for label in range(COLOUR_CLUSTERS):
+    for label in range(clusters):
         members = np.flatnonzero(colour_labels == label)
         if not len(members):
             continue
