@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
 
 COLOUR_CLUSTERS = 9
 _BINS = 8
@@ -36,7 +37,15 @@ def select_mosaic(colours: np.ndarray, positions: np.ndarray, fraction: float, *
     clusters = min(COLOUR_CLUSTERS, max(1, int(round(fraction * n))))
     if clusters >= n:
         return np.arange(n)
-    colour_labels = KMeans(clusters, n_init=3, random_state=seed).fit_predict(colours)
+    with threadpool_limits(1):  # a few hundred points: threads only wait on each other, badly on a busy machine
+        return _sample(colours, positions, fraction, clusters, seed)
+
+
+def _sample(colours, positions, fraction, clusters, seed) -> np.ndarray:
+    if clusters == 1:
+        colour_labels = np.zeros(len(colours), dtype=int)
+    else:
+        colour_labels = KMeans(clusters, n_init=3, random_state=seed).fit_predict(colours)
     chosen: list[int] = []
     for label in range(clusters):
         members = np.flatnonzero(colour_labels == label)
@@ -46,8 +55,11 @@ def select_mosaic(colours: np.ndarray, positions: np.ndarray, fraction: float, *
         if wanted >= len(members):
             chosen.extend(members.tolist())
             continue
-        spatial = KMeans(wanted, n_init=1, random_state=seed).fit(positions[members].astype(np.float64))
-        for centre in spatial.cluster_centers_:
+        if wanted == 1:  # one centre: the cluster's mean position, no k-means needed
+            centres = positions[members].mean(axis=0, keepdims=True)
+        else:
+            centres = KMeans(wanted, n_init=1, random_state=seed).fit(positions[members].astype(np.float64)).cluster_centers_
+        for centre in centres:
             nearest = members[int(np.argmin(((positions[members] - centre) ** 2).sum(axis=1)))]
             chosen.append(int(nearest))
     return np.unique(np.asarray(chosen, dtype=np.int64))

@@ -22,10 +22,10 @@ from cbir.slides.tissue import area_fractions, tissue_mask
 
 DEFAULT_TILE_PX = 224
 DEFAULT_TILE_UM = 112.0  # 224 px at 0.5 µm/px: "20×"
-# Thumbnail: about 1024 px on its long side, finer when a tile would cover fewer than 8 of its pixels.
-_THUMBNAIL_SIDE = 1024
-_THUMBNAIL_PX_PER_TILE = 8
-_THUMBNAIL_MAX_SIDE = 8192
+# Thumbnail: 16 px per tile side, coarser when that would exceed 2048 px on the long side (a tissue share per tile
+# needs no more; a large slide's thumbnail stays a few megapixels).
+_THUMBNAIL_PX_PER_TILE = 16
+_THUMBNAIL_MAX_SIDE = 2048
 
 
 def magnification_mpp(magnification: float) -> float:
@@ -139,9 +139,7 @@ class TiledSlide:
 
 
 def thumbnail_downsample(slide: Slide, tile_side0: float) -> float:
-    longest = max(slide.dimensions)
-    downsample = min(longest / _THUMBNAIL_SIDE, tile_side0 / _THUMBNAIL_PX_PER_TILE)
-    return max(1.0, downsample, longest / _THUMBNAIL_MAX_SIDE)
+    return max(1.0, tile_side0 / _THUMBNAIL_PX_PER_TILE, max(slide.dimensions) / _THUMBNAIL_MAX_SIDE)
 
 
 def tile_slide(source: SlideSource, spec: TilingSpec, *, mpp: float | None = None) -> TiledSlide:
