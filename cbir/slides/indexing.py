@@ -55,17 +55,25 @@ class SlideIndexSummary:
 
 def index_slides(extractor, database, sources: list[SlideSource], spec: TilingSpec, *, mpp: float | None = None,
                  mask_dir: str | Path | None = None, batch_size: int = 32, num_workers: int | None = None,
-                 chunk: int = 512, device=None, progress: bool = True) -> SlideIndexSummary:
-    """Tile, embed and store ``sources``; a slide that cannot be used is skipped and reported in the summary."""
+                 chunk: int = 512, device=None, progress: bool = True, rewrite: bool = False,
+                 extractor_info: dict | None = None) -> SlideIndexSummary:
+    """Tile, embed and store ``sources``; a slide that cannot be used is skipped and reported in the summary.
+
+    ``rewrite``: replace the database's contents; it is emptied once the first slide is tiled (so a list of
+    unusable slides leaves it as it was), before any tile's metadata is written.
+    """
     start = time.perf_counter()
     summary = SlideIndexSummary()
+    info = extractor_info or extractor.describe()
+    if not rewrite:
+        database.set_extractor(info)  # vectors of another extractor are refused before any work
     group = []
 
     def embed_group():
         if not group:
             return
         done = index_images(extractor, database, group, batch_size=batch_size, num_workers=num_workers,
-                            device=device, progress=progress, chunk=chunk)
+                            device=device, progress=progress, chunk=chunk, extractor_info=info)
         summary.added += done.added
         summary.already_stored += done.already_stored
         summary.seconds_model += done.seconds_model
@@ -82,6 +90,9 @@ def index_slides(extractor, database, sources: list[SlideSource], spec: TilingSp
         finally:
             summary.seconds_tiling += time.perf_counter() - tiling_start
         tiled.slide.close()  # tiles reopen it where they are read (each decoding worker its own handle)
+        if rewrite and not summary.slides:
+            database.clear()
+            database.set_extractor(info)
         if mask_dir is not None:
             summary.masks.append(save_mask(tiled.mask, Path(mask_dir) / f"{safe_name(Path(source.path).name)}.mask.png"))
         # The metadata goes first, so a tile is never stored without it (a re-run writes the same again).

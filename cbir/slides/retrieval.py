@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cbir.errors import CbirError
-from cbir.plots import plot_slide_search
+from cbir.slides.figures import plot_slide_search
 from cbir.slides.reader import SlideError, open_slide
 from cbir.slides.search import SlideHit, TileHit, query_vectors, rank_slides, same_slide, search_tiles
 from cbir.slides.tiling import SlideSource, TilingSpec, check_region_size, make_tile, region_tiles, tile_slide
