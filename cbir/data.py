@@ -23,6 +23,7 @@ from cbir.images import (IMAGE_EXTENSIONS, Sample, UnreadableImage, is_image_fil
 
 log = logging.getLogger(__name__)
 
+
 def default_workers() -> int:
     """DataLoader worker processes beside a model: one core is left to the model; the workers only decode."""
     return max(0, min(4, (os.cpu_count() or 1) - 1))
@@ -115,7 +116,7 @@ class ImageDataset(Dataset):
     def load(self, index: int):
         """The image of sample ``index``, or ``None`` (warned, and later counted) when it cannot be read."""
         try:
-            return load_image(self.samples[index].path)
+            return self.samples[index].load()
         except UnreadableImage as exc:
             log.warning("skipping %s", exc)
             return None

@@ -1,6 +1,6 @@
 """Batched feature extraction: worker processes decode and resize while the encoder runs.
 
-Workers turn files into uint8 batches (:func:`cbir.images.load_prepared`: JPEGs decoded at reduced scale where the
+Workers turn samples into uint8 batches (:meth:`cbir.images.Sample.load_prepared`: JPEGs decoded at reduced scale where the
 model's input allows); a bounded number of batches is in flight, so memory stays flat on any collection while the
 model never waits on a decoder that keeps up. The encoder (:mod:`cbir.inference`) normalises and embeds. No torch
 here: a search through ONNX Runtime never imports it.
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cbir.images import Sample, UnreadableImage, load_prepared
+from cbir.images import Sample, UnreadableImage
 from cbir.inference import as_encoder, available_cores, default_batch_size, pick_device  # noqa: F401 — pick_device re-exported
 
 log = logging.getLogger(__name__)
@@ -39,13 +39,13 @@ class Embeddings:
     seconds_total: float = 0.0
 
 
-def _decode(job: tuple[list[str], int]) -> tuple[list[int], np.ndarray | None, list[str]]:
+def _decode(job: tuple[list[Sample], int]) -> tuple[list[int], np.ndarray | None, list[str]]:
     """In a worker: the readable images of a batch as one uint8 array, their positions, and why the others failed."""
-    paths, size = job
+    samples, size = job
     kept, arrays, problems = [], [], []
-    for position, path in enumerate(paths):
+    for position, sample in enumerate(samples):
         try:
-            arrays.append(load_prepared(path, size))
+            arrays.append(sample.load_prepared(size))  # a file, or a slide tile reading its region
             kept.append(position)
         except UnreadableImage as exc:
             problems.append(str(exc))
@@ -59,7 +59,7 @@ def iter_prepared(samples: list[Sample], input_size: int, *, batch_size: int = 3
     """
     workers = decoding_workers(len(samples), batch_size) if num_workers is None else num_workers
     starts = range(0, len(samples), batch_size)
-    jobs = (([s.path for s in samples[i : i + batch_size]], input_size) for i in starts)
+    jobs = ((samples[i : i + batch_size], input_size) for i in starts)
 
     def finished(start: int, result) -> tuple[list[int], np.ndarray] | None:
         kept, batch, problems = result

@@ -30,6 +30,14 @@ class Sample:
     path: str
     class_name: str
 
+    def load(self, *, draft_size: int | None = None) -> Image.Image:
+        """The image as 8-bit RGB (a slide tile overrides this to read its region of the slide)."""
+        return load_image(self.path, draft_size=draft_size)
+
+    def load_prepared(self, input_size: int) -> np.ndarray:
+        """The image as the uint8 array the encoders take (see :func:`prepare`)."""
+        return prepare(self.load(draft_size=input_size), input_size)
+
 
 def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")

@@ -531,6 +531,33 @@ class Database:
         return [image_id is not None for image_id in self._store.ids_of_paths([encode(str(p)) for p in paths])]
 
     @_redis_errors
+    def set_extra(self, paths, extras: list[dict]) -> None:
+        """Record extra metadata of images (JSON-able dicts: a slide tile's slide, box, mosaic membership).
+
+        Written before the images themselves: a path is never stored without its metadata, and an interrupted
+        run rewrites the same metadata when it adds what is missing.
+        """
+        self._check_open()
+        self._store.set_extra([encode(str(p)) for p in paths], [encode(json.dumps(e)) for e in extras])
+
+    @_redis_errors
+    def extra(self, paths) -> list[dict | None]:
+        """The extra metadata of each path (one round trip); None where it has none."""
+        return [json.loads(decode(v)) if v else None for v in self._store.extra_of([encode(str(p)) for p in paths])]
+
+    @_redis_errors
+    def extras(self, *, one: bool = False) -> dict[str, dict]:
+        """Every stored image's extra metadata by path (with ``one``: any one record, under the key "")."""
+        self._check_open()
+        if one:
+            value = self._store.any_extra()
+            return {"": json.loads(decode(value))} if value else {}
+        raw = self._store.extra_items()
+        # Metadata is written before its image: after a kill some may name images never stored.
+        stored = self._store.ids_of_paths(list(raw))
+        return {decode(p): json.loads(decode(v)) for (p, v), i in zip(raw.items(), stored) if i is not None}
+
+    @_redis_errors
     def remove(self, paths: list[str]) -> int:
         """Remove images by path; a folder removes every stored path under it. Returns how many were removed.
 
@@ -551,6 +578,7 @@ class Database:
         ordered = sorted(targets)
         for start in range(0, len(ordered), CHUNK):
             version, removed = self._store.remove_paths(self._uid, ordered[start : start + CHUNK])
+            self._store.forget_extra(ordered[start : start + CHUNK])
             if len(removed):
                 removed_total += len(removed)
                 self._after_write(version, removed=removed)
