@@ -11,75 +11,17 @@ import logging
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 from torchvision import transforms
 
 from cbir.errors import CbirError, ParameterError
+# Re-exported: the torch-free part lives in cbir.images.
+from cbir.images import (IMAGE_EXTENSIONS, Sample, UnreadableImage, is_image_file, list_images,  # noqa: F401
+                         list_samples, load_image)
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".ppm", ".pgm"}
-
-# A truncated JPEG is an unreadable file, not a half-grey image: let PIL raise on it.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-class UnreadableImage(CbirError):
-    """An image file that exists but cannot be decoded."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    path: str
-    class_name: str
-
-
-def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
-def list_samples(root: str | Path, classes: list[str] | None = None) -> list[Sample]:
-    """Every image of a class-folder data set, sorted, as (path, class) samples.
-
-    ``classes`` keeps only those class folders (used by the generalisation splits).
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise CbirError(f"data folder {root} does not exist")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if classes is not None:
-        wanted = set(classes)
-        class_dirs = [d for d in class_dirs if d.name in wanted]
-    samples = [
-        Sample(str(path), class_dir.name)
-        for class_dir in class_dirs
-        for path in sorted(class_dir.rglob("*"))
-        if is_image_file(path)
-    ]
-    if not samples:
-        raise CbirError(f"no images found under {root}: expected one sub-folder per class holding image files")
-    return samples
-
-
-def list_images(path: str | Path) -> list[Sample]:
-    """Samples from a single image, a class-folder data set, or a flat folder of images (class = folder name)."""
-    path = Path(path)
-    if path.is_file():
-        return [Sample(str(path), path.parent.name)]
-    if not path.is_dir():
-        raise CbirError(f"{path} does not exist")
-    if any(d.is_dir() for d in path.iterdir()):
-        return list_samples(path)
-    samples = [Sample(str(p), path.name) for p in sorted(path.iterdir()) if is_image_file(p)]
-    if not samples:
-        raise CbirError(f"no images found in {path}")
-    return samples
 
 
 def default_workers() -> int:
@@ -92,54 +34,72 @@ def decoding_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def _to_8bit_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit and float images: stretch the actual range to 0–255; a plain convert("L") would clip them white.
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        array = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
-        image = Image.fromarray(array.astype(np.uint8), mode="L")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA"):
-        # Transparent areas become white, as a slide background, not black.
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").split()[-1])
-        return background
-    return image.convert("RGB")
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """Any image file as 8-bit RGB; :class:`UnreadableImage` (one line) when it cannot be decoded."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return _to_8bit_rgb(image)
-    except FileNotFoundError:
-        raise UnreadableImage(f"{path}: no such file") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise UnreadableImage(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from None
-
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def build_transform(input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, *, train: bool = False):
+class RandomRightAngle:
+    """Rotate by 0, 90, 180 or 270 degrees: tissue and cells have no up. With a flip, all eight orientations."""
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        turns = int(torch.randint(4, ()))
+        return image.transpose((None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180,
+                                Image.Transpose.ROTATE_270)[turns]) if turns else image
+
+
+# Haematoxylin, eosin and DAB optical densities of Ruifrok & Johnston (2001), the rows scikit-image's rgb2hed uses.
+_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
+
+
+class RandomStain:
+    """Stain augmentation in HED space (Tellez et al. 2018): each stain's amount scaled by 1 ± ``scale`` and shifted
+    by ± ``shift`` optical density, as one lab's staining differs from another's. Takes and gives a [0, 1] tensor."""
+
+    def __init__(self, scale: float = 0.1, shift: float = 0.02):
+        self.scale, self.shift = scale, shift
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        # (3, pixels) throughout: the contiguous layout is some twenty times faster than (pixels, 3)
+        density = _HED_FROM_RGB.T @ -torch.log(image.reshape(3, -1).clamp(min=1e-6))
+        factor = 1 + (torch.rand(3, 1) * 2 - 1) * self.scale
+        offset = (torch.rand(3, 1) * 2 - 1) * self.shift
+        return torch.exp(-(_RGB_FROM_HED.T @ (density * factor + offset))).clamp(0, 1).reshape(image.shape)
+
+
+def _basic_augmentation(input_size: int) -> list:
+    return [transforms.RandomResizedCrop(input_size, scale=(0.7, 1.0)), transforms.RandomHorizontalFlip(),
+            transforms.RandomVerticalFlip(), transforms.ColorJitter(saturation=0.2, hue=0.1), transforms.ToTensor()]
+
+
+def _histology_augmentation(input_size: int) -> list:
+    return [transforms.RandomResizedCrop(input_size, scale=(0.7, 1.0)), RandomRightAngle(),
+            transforms.RandomHorizontalFlip(),
+            transforms.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1),  # scanners differ; no hue: slow
+            transforms.ToTensor(), RandomStain()]
+
+
+# Training augmentations by name (``--augmentation``): each gives the steps from a PIL image to a [0, 1] tensor.
+AUGMENTATIONS = {
+    "basic": _basic_augmentation,  # the thesis's: crops, flips, saturation and hue jitter
+    "histology": _histology_augmentation,  # any orientation, stain (HED) and scanner-like colour changes
+}
+DEFAULT_AUGMENTATION = "basic"
+
+
+def build_transform(input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, *, train: bool = False,
+                    augmentation: str = DEFAULT_AUGMENTATION):
     """The one preprocessing pipeline: the extractor's own size and normalisation, plus augmentation in training.
 
     Autoencoders pass ``mean=(0,0,0), std=(1,1,1)`` so inputs and targets stay in [0, 1].
     """
-    normalise = [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    if train:
-        return transforms.Compose([
-            transforms.RandomResizedCrop(input_size, scale=(0.7, 1.0)),
-            transforms.RandomHorizontalFlip(),
-            transforms.RandomVerticalFlip(),
-            transforms.ColorJitter(saturation=0.2, hue=0.1),
-            *normalise,
-        ])
-    return transforms.Compose([transforms.Resize((input_size, input_size)), *normalise])
+    if not train:
+        return transforms.Compose([transforms.Resize((input_size, input_size)), transforms.ToTensor(),
+                                   transforms.Normalize(mean, std)])
+    if augmentation not in AUGMENTATIONS:
+        raise ParameterError(f"unknown {{augmentation}} '{augmentation}'; choose one of: {', '.join(AUGMENTATIONS)}",
+                             "augmentation")
+    return transforms.Compose([*AUGMENTATIONS[augmentation](input_size), transforms.Normalize(mean, std)])
 
 
 class ImageDataset(Dataset):
@@ -156,7 +116,7 @@ class ImageDataset(Dataset):
     def load(self, index: int):
         """The image of sample ``index``, or ``None`` (warned, and later counted) when it cannot be read."""
         try:
-            return load_image(self.samples[index].path)
+            return self.samples[index].load()
         except UnreadableImage as exc:
             log.warning("skipping %s", exc)
             return None

@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from cbir.data import Sample, load_image
+from cbir.images import Sample, load_image
 from cbir.embedding import embed, embedding_search
 from cbir.errors import CbirError
 from cbir.labels import balanced_rounds
@@ -28,7 +28,7 @@ class Retrieval:
     neighbours: list[Neighbour]
 
 
-def search_samples(extractor, database, samples: list[Sample], k: int, *, nprobe=None, batch_size=32,
+def search_samples(extractor, database, samples: list[Sample], k: int, *, nprobe=None, batch_size=None,
                    num_workers=None) -> tuple[list[Retrieval], list[Sample]]:
     """The ``k`` nearest stored images of each readable query; also returns the unreadable queries."""
     database.check_extractor(extractor.describe())
@@ -75,7 +75,7 @@ def one_query_per_class(samples: list[Sample], seed: int = 0) -> list[Sample]:
     return [samples[i] for i in balanced_rounds([s.class_name for s in samples], seed=seed, rounds=1)]
 
 
-def search_function(extractor, database, k: int, *, nprobe=None, batch_size=32, num_workers=None):
+def search_function(extractor, database, k: int, *, nprobe=None, batch_size=None, num_workers=None):
     """``search(paths)`` for :func:`cbir.evaluation.evaluate`: the ``k`` nearest stored images of each query (see
     :func:`cbir.embedding.embedding_search`)."""
     database.check_extractor(extractor.describe())

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cbir.data import build_transform
+from cbir.data import DEFAULT_AUGMENTATION, build_transform
 from cbir.errors import CbirError, ParameterError
 from cbir.files import atomic_path
+from cbir.inference import check_flags
 # Registration order is the order list_models() shows: the thesis's backbones, then the self-trained models.
 from cbir.models import backbones as _backbones  # noqa: F401, I001
 from cbir.models import timm_models as _timm_models  # noqa: F401 — deit and the timm:<name> family
@@ -139,8 +140,9 @@ class Extractor(nn.Module):
             self.backbone.eval()
         return self
 
-    def transform(self, train: bool = False):
-        return build_transform(self.config["input_size"], self.config["mean"], self.config["std"], train=train)
+    def transform(self, train: bool = False, augmentation: str = DEFAULT_AUGMENTATION):
+        return build_transform(self.config["input_size"], self.config["mean"], self.config["std"], train=train,
+                               augmentation=augmentation)
 
     def fingerprint(self) -> str:
         """A short hash of the weights: the database uses it to refuse vectors from another extractor."""
@@ -248,15 +250,7 @@ def load_extractor(
 ) -> Extractor:
     """Rebuild the extractor a checkpoint describes; explicit settings that contradict it are refused."""
     payload = read_checkpoint(path)
-    config = payload["config"]
-    for name, given, stored in (
-        ("model", model, config["model"]),
-        ("num_features", num_features, config["embedding_size"]),
-        ("dr_model", dr_model, bool(config.get("dr_model"))),
-    ):
-        if given is not None and given != stored:
-            raise ParameterError(f"{path} holds a '{config['model']}' extractor with {{{name}}} {stored}, not "
-                                 f"{given}; drop {{{name}}} (the checkpoint carries its own configuration)", name)
+    check_flags(payload["config"], path, model=model, num_features=num_features, dr_model=dr_model)
     return extractor_from_checkpoint(payload)
 
 
