@@ -15,6 +15,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=512,
                    help="images embedded before each database write (default: 512); a killed run loses at most "
                         "this many, and re-running adds only what is missing")
+    p.add_argument("--shared_group", action="store_true",
+                   help="share the database folder with its group (2770, files 0660) instead of keeping it private "
+                        "to you (0700, files 0600); see SECURITY.md")
     add_generalise_args(p)
     database_args(p)
     extractor_args(p)
@@ -37,7 +40,8 @@ def main(argv=None) -> None:
 
         # Only the classes the extractor never saw (the "test" half of cbir.splits) go into the database.
         samples = restrict_samples(samples, "test", args.generalise, seed=args.split_seed, split_file=args.split_file)
-    with Database.open(args.db_name, home=args.home, redis_url=args.redis_url, create=True) as db:
+    with Database.open(args.db_name, home=args.home, redis_url=args.redis_url, create=True,
+                       shared_group=args.shared_group) as db:
         extractor = build_extractor(args, None if args.rewrite else db.extractor)
         info = describe_extractor(extractor, args.weights or (db.extractor or {}).get("weights"))
         if args.rewrite:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from cbir.cli.common import build_extractor, database_args, entry_point, extractor_args
@@ -24,7 +25,8 @@ def main(argv=None) -> None:
     from cbir.data import list_images
     from cbir.database import Database
     from cbir.errors import CbirError
-    from cbir.retrieval import one_query_per_class, safe_name, save_retrieval, search_samples
+    from cbir.naming import printable
+    from cbir.retrieval import one_query_per_class, save_retrieval, search_samples
 
     args = parser().parse_args(argv)
     if args.nrt_neigh < 1:
@@ -40,17 +42,22 @@ def main(argv=None) -> None:
                                                 batch_size=args.batch_size, num_workers=args.num_workers)
     if single and unreadable:
         raise CbirError(f"query {path} is not a readable image")
-    results_dir = Path(args.results_dir)
+    missing = []
     for retrieval in retrievals:
-        out_dir = results_dir if single else results_dir / safe_name(retrieval.query.class_name)
-        figure = save_retrieval(retrieval, out_dir)
-        print(f"query {retrieval.query.path} ({retrieval.query.class_name}):")
+        saved = save_retrieval(retrieval, args.results_dir, per_class=not single)
+        missing += saved.missing
+        print(f"query {printable(retrieval.query.path)} ({printable(retrieval.query.class_name)}):")
         for n in retrieval.neighbours:
             mark = "+" if n.class_name == retrieval.query.class_name else " "
-            print(f"  {mark}{n.rank:>3}  {n.distance:.4f}  {n.class_name:<24} {n.path}")
-        print(f"  figure: {figure}")
+            print(f"  {mark}{n.rank:>3}  {n.distance:.4f}  {printable(n.class_name):<24} {printable(n.path)}")
+        print(f"  figure: {printable(saved.figure)}")
     for sample in unreadable:
-        print(f"skipped unreadable query {sample.path}")
+        print(f"skipped unreadable query {printable(sample.path)}")
+    if missing:
+        files = len({n.path for n, _ in missing})
+        print(f"{len(missing)} results ({files} files) could not be shown, marked in the figures: their files moved, "
+              f"were removed or are no longer images since indexing, e.g. {printable(missing[0][1])}; remove them "
+              f"with cbir-db remove, or index their new place", file=sys.stderr)
 
 
 console_script = entry_point(main)
