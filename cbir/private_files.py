@@ -93,7 +93,9 @@ def prepare_folder(path: str | os.PathLike, *, shared_group: bool = False, what:
     try:
         st = _check_link(path, what)
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.exists():  # CBIR_HOME itself: as private (or shared) as what it will hold
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(path.parent, GROUP_FOLDER if shared_group else PRIVATE_FOLDER)
         try:
             os.mkdir(path, PRIVATE_FOLDER)
         except FileExistsError:
@@ -168,6 +170,7 @@ def replacing(path: str | os.PathLike, *, mode: int = PRIVATE_FILE, durable: boo
     tmp = path.parent / f".cbir-{secrets.token_hex(6)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
+        os.fchmod(fd, mode)  # the mode asked for, whatever the umask took away (a group's write bit)
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
@@ -311,6 +314,9 @@ def locked(path: str | os.PathLike, what: str, *, mode: int = PRIVATE_FILE, wait
             raise CbirError(f"lock file {path} is a symbolic link; refusing to follow it; remove it") from None
         raise
     try:
+        st = os.fstat(fd)
+        if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)
         start = time.monotonic()
         noticed = False
         while True:
@@ -323,7 +329,7 @@ def locked(path: str | os.PathLike, what: str, *, mode: int = PRIVATE_FILE, wait
             if waited >= wait:
                 raise CbirError(f"{what} is locked by {_holders(path)} and was still locked after {waited:.0f} s "
                                 "of waiting; wait for it to finish, or stop it")
-            if not noticed and waited >= min(_NOTICE_AFTER, wait / 2):
+            if not noticed and waited >= _NOTICE_AFTER:
                 log.warning("waiting for %s, locked by %s (at most %.0f s)", what, _holders(path), wait)
                 noticed = True
             time.sleep(0.05)

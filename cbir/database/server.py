@@ -31,6 +31,7 @@ import os
 import secrets
 import shutil
 import socket
+import stat
 import struct
 import subprocess
 import tempfile
@@ -49,6 +50,7 @@ from cbir.private_files import (
     file_mode,
     locked,
     read_private_text,
+    replacing,
     user_name,
     write_file,
 )
@@ -370,6 +372,9 @@ class EmbeddedServer:
                 )
         aof = self.folder / "appendonly.aof"
         rdb = self.folder / "redis.db"
+        if self.shared_group:
+            for path in (aof, rdb):
+                self._take_over(path)
         # Turning append-only on in the config of a server whose data is only in an rdb file would make it start
         # EMPTY (Redis then loads the missing AOF); switch it on at run time instead, which writes the AOF.
         migrate = rdb.exists() and not aof.exists()
@@ -410,6 +415,18 @@ class EmbeddedServer:
             raise DatabaseError(f"could not start the embedded Redis of database '{self.label}': {reason}")
         self._migrate_aof = migrate
         return secret
+
+    def _take_over(self, path: Path) -> None:
+        """Make a data file left by another member's server of a group-shared database ours (a copy, 0660): our
+        server appends to it, and redis-server makes its files 0640, which the group can read but not write."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if st.st_uid == os.geteuid() or not stat.S_ISREG(st.st_mode):
+            return
+        with open(path, "rb") as source, replacing(path, mode=self.file_mode, durable=True) as copy:
+            shutil.copyfileobj(source, copy, 1 << 20)
 
     def _log_tail(self) -> str:
         try:
