@@ -114,20 +114,18 @@ redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[2], version .. '-1',
 return {version, replaced}
 """
 
-# KEYS: meta id path class vec version log
-# ARGV: uid, log maxlen, then paths
-_REMOVE = _CHECK_UID + """
+# Scripts that remove ids (KEYS: meta id path class vec version log; ARGV: uid, log maxlen, ...) call forget(id)
+# for each, after taking its path out of the id hash themselves; the end logs them as one change.
+_FORGET = """
 local removed = {}
-for i = 3, #ARGV do
-  local id = redis.call('HGET', KEYS[2], ARGV[i])
-  if id then
-    redis.call('HDEL', KEYS[2], ARGV[i])
-    redis.call('HDEL', KEYS[3], id)
-    redis.call('HDEL', KEYS[4], id)
-    redis.call('HDEL', KEYS[5], id)
-    removed[#removed + 1] = id
-  end
+local function forget(id)
+  redis.call('HDEL', KEYS[3], id)
+  redis.call('HDEL', KEYS[4], id)
+  redis.call('HDEL', KEYS[5], id)
+  removed[#removed + 1] = id
 end
+"""
+_LOG_REMOVED = """
 local version = 0
 if #removed > 0 then
   version = redis.call('INCR', KEYS[6])
@@ -137,16 +135,19 @@ end
 return {version, removed}
 """
 
-# KEYS: meta id path class vec version log
-# ARGV: uid, log maxlen, then triples: id, stored path, its normal form. Two paths of one file keep the later id.
-_RENAME = _CHECK_UID + """
-local removed = {}
-local function forget(id)
-  redis.call('HDEL', KEYS[3], id)
-  redis.call('HDEL', KEYS[4], id)
-  redis.call('HDEL', KEYS[5], id)
-  removed[#removed + 1] = id
+# ARGV: uid, log maxlen, then paths
+_REMOVE = _CHECK_UID + _FORGET + """
+for i = 3, #ARGV do
+  local id = redis.call('HGET', KEYS[2], ARGV[i])
+  if id then
+    redis.call('HDEL', KEYS[2], ARGV[i])
+    forget(id)
+  end
 end
+""" + _LOG_REMOVED
+
+# ARGV: uid, log maxlen, then triples: id, stored path, its normal form. Two paths of one file keep the later id.
+_RENAME = _CHECK_UID + _FORGET + """
 for i = 3, #ARGV, 3 do
   local id, old, new = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if redis.call('HGET', KEYS[2], old) == id then
@@ -166,14 +167,7 @@ for i = 3, #ARGV, 3 do
     end
   end
 end
-local version = 0
-if #removed > 0 then
-  version = redis.call('INCR', KEYS[6])
-  redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[2], version .. '-1',
-             'add', '', 'del', table.concat(removed, ','), 'index', '')
-end
-return {version, removed}
-"""
+""" + _LOG_REMOVED
 
 # KEYS: meta version log ; ARGV: uid, log maxlen, factory, nprobe
 _SET_INDEX = _CHECK_UID + """
