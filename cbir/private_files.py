@@ -120,8 +120,13 @@ def prepare_folder(path: str | os.PathLike, *, shared_group: bool = False, what:
     shared = shared or shared_group
     wanted = GROUP_FOLDER if shared else PRIVATE_FOLDER
     if st.st_mode & 0o7777 != wanted:
+        # Files first when opening to a group, the folder first when closing it: no one else can swap a file for
+        # a link while its mode changes.
+        if shared:
+            _close_files(path, GROUP_FILE)
         os.chmod(path, wanted)
-        _close_files(path, file_mode(shared))
+        if not shared:
+            _close_files(path, PRIVATE_FILE)
     return shared
 
 
@@ -129,12 +134,10 @@ def _close_files(folder: Path, mode: int) -> None:
     """Give the user's regular files directly in ``folder`` ``mode`` (links and sockets are left as they are)."""
     with os.scandir(folder) as entries:
         for entry in entries:
-            try:
-                st = entry.stat(follow_symlinks=False)
-                if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o777 != mode:
-                    os.chmod(entry.path, mode, follow_symlinks=False)
-            except (FileNotFoundError, NotImplementedError):
-                continue
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_mode & 0o777 != mode:
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(entry.path, mode)  # in a folder only we can write into (see prepare_folder)
 
 
 def check_private_folder(path: str | os.PathLike, what: str) -> Path:

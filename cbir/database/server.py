@@ -201,17 +201,16 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def socket_peer(path: Path) -> str:
-    """Who serves the Unix socket ``path`` (``pid 12 (user bob: redis-server ...)``), for messages; "" if unknown."""
+def socket_peer(path: Path) -> tuple[int, int] | None:
+    """(pid, uid) of the process serving the Unix socket ``path``, from the kernel; None where unknown."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(5)
             sock.connect(str(path))
             pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     except (OSError, AttributeError):  # no SO_PEERCRED outside Linux
-        return ""
-    described = describe_process(pid)
-    return described if "user " in described else f"{described} (user {user_name(uid)})"
+        return None
+    return pid, uid
 
 
 class EmbeddedServer:
@@ -299,27 +298,41 @@ class EmbeddedServer:
 
     def _verify(self, client: redis.Redis) -> None:
         """Refuse a server that cannot prove it is the one this database started (see the module's docstring)."""
-        challenge = secrets.token_hex(16)
         try:
             secret = read_private_text(self.secretfile, "secret file", shared_group=self.shared_group).strip()
         except CbirError as error:
-            proven, reason = False, str(error)
+            secret, reason = None, str(error)
         else:
-            expected = hashlib.sha1((challenge + secret).encode()).hexdigest()
-            try:
-                answer = client.eval(_PROVE, 1, PROOF_KEY, challenge)
-            except redis.exceptions.ResponseError as error:
-                answer = str(error).encode()
-            proven = hmac.compare_digest(answer if isinstance(answer, bytes) else b"", expected.encode())
+            if self._proves(client, secret):
+                return
             reason = "it does not know the secret this database gave its server at start-up"
-        if not proven:
             peer = socket_peer(self.socket_path)
-            client.close()
-            raise DatabaseError(
-                f"refusing the Redis server on {self.socket_path}{' (' + peer + ')' if peer else ''}: it is not "
-                f"the one database '{self.label}' started ({reason}); another user may have planted it; if it is an "
-                "embedded Redis started by an older cbir, stop it and retry"
-            )
+            if peer is not None and peer[1] == os.geteuid() and peer[0] == self._server_pid():
+                # Our own server, by the kernel's word, that missed its secret (its starter died before telling
+                # it, or an older cbir started it): tell it now.
+                client.set(PROOF_KEY, secret)
+                if self._proves(client, secret):
+                    return
+        peer = socket_peer(self.socket_path)
+        client.close()
+        who = ""
+        if peer is not None:
+            who = describe_process(peer[0])
+            who = f" ({who})" if "user " in who else f" ({who}, user {user_name(peer[1])})"
+        raise DatabaseError(
+            f"refusing the Redis server on {self.socket_path}{who}: it is not the one database '{self.label}' "
+            f"started ({reason}); another user may have planted it"
+        )
+
+    @staticmethod
+    def _proves(client: redis.Redis, secret: str) -> bool:
+        challenge = secrets.token_hex(16)
+        try:
+            answer = client.eval(_PROVE, 1, PROOF_KEY, challenge)
+        except redis.exceptions.ResponseError:
+            return False
+        expected = hashlib.sha1((challenge + secret).encode()).hexdigest().encode()
+        return isinstance(answer, bytes) and hmac.compare_digest(answer, expected)
 
     def _server_pid(self) -> int | None:
         """The pid of a live server of this folder, from its pid file (a stale file is removed)."""
