@@ -2,10 +2,10 @@
 
 The same file reached as ``index/a.png``, ``./index/a.png``, ``/abs/index/a.png`` or through a link is one key,
 so indexing a folder again from elsewhere adds nothing. Databases written before stored paths as they were given;
-:func:`migrate` rewrites them once, when such a database is opened: an absolute path is resolved; a relative one
-is resolved when its file exists from the current folder (then it is almost surely the folder it was indexed
-from), and is otherwise kept as stored, and said so at each open until a command run from that folder resolves it. Two stored paths of one file keep the later one (the newer
-vector of the same image): nothing but a duplicate goes.
+:func:`migrate` rewrites them when such a database is opened: an absolute path is resolved; a relative one is
+resolved when its file exists from the current folder (then it is almost surely the folder it was indexed from),
+and is otherwise kept as stored and said so, at each open until a command run from that folder resolves it. Two
+stored paths of one file keep the later one (the newer vector of the same image): nothing but a duplicate goes.
 """
 
 from __future__ import annotations
