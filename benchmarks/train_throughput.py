@@ -31,7 +31,7 @@ from cbir.embedding import pick_device  # noqa: E402
 from cbir.losses import create_loss  # noqa: E402
 from cbir.models import create_extractor  # noqa: E402
 from cbir.synthetic import make_dataset  # noqa: E402
-from cbir.training import TrainConfig, pair_indices, resolve_precision, seed_everything, train  # noqa: E402
+from cbir.training import TrainConfig, resolve_precision, seed_everything, train  # noqa: E402
 
 
 def bare_loop(args, data: Path, device: torch.device) -> list[float]:
@@ -55,22 +55,16 @@ def bare_loop(args, data: Path, device: torch.device) -> list[float]:
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    generator = torch.Generator().manual_seed(args.seed)
+    loss_fn.reseed(args.seed)
     extractor.train()
     rates = []
     for epoch in range(1, args.epochs + 1):
         sampler.set_epoch(epoch)
         start, seen = time.perf_counter(), 0
         for step, (images, labels, _) in enumerate(loader, 1):
-            images, device_labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            images = images.to(device, non_blocking=True)
             with autocast():
-                embeddings = extractor(images)
-                if loss_fn.takes_triplets:
-                    anchor, positive, negative = (i.to(device) for i in pair_indices(
-                        labels, generator, augmented=False, non_contrastive=False))
-                    loss = loss_fn(embeddings[anchor], embeddings[positive], embeddings[negative])
-                else:
-                    loss = loss_fn(embeddings, device_labels)
+                loss = loss_fn(extractor(images), labels)  # the pair losses draw their rows from the CPU labels
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

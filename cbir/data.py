@@ -1,4 +1,4 @@
-"""Image folders → samples; one image loader; one transform builder; the class-balanced sampler.
+"""Image folders → samples; one image loader; one transform builder; the training samplers and dataset.
 
 A data set is ``root/<class>/<image>``. Every image, whatever its format or mode (RGBA, palette, grayscale,
 16-bit TIFF), is loaded as 8-bit RGB by :func:`load_image`. A file that cannot be decoded is never fatal: the
@@ -8,6 +8,8 @@ datasets return ``None`` for it and :func:`collate_skipping` drops it, so long r
 from __future__ import annotations
 
 import logging
+import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from cbir.errors import CbirError
+from cbir.errors import CbirError, ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -172,17 +174,22 @@ class ClassBalancedBatches(torch.utils.data.Sampler):
     by (seed, epoch), so a resumed run sees exactly the batches an unbroken one would.
     """
 
-    def __init__(self, labels: list[int], batch_size: int, per_class: int, seed: int = 0):
-        classes = sorted(set(labels))
-        if len(classes) < 2:
-            raise CbirError("metric learning needs at least two classes in the training data")
+    def __init__(self, labels: list, batch_size: int, per_class: int, seed: int = 0):
+        counts = Counter(labels)
+        if len(counts) < 2:
+            raise CbirError(f"the training data holds {len(counts)} class ({', '.join(map(str, counts))}); metric "
+                            f"learning needs at least two class folders")
+        single = sorted(str(c) for c, n in counts.items() if n < 2)
+        if single:
+            names = ", ".join(single[:5]) + (", ..." if len(single) > 5 else "")
+            raise CbirError(f"{len(single)} class(es) hold a single image ({names}); metric learning needs at least "
+                            f"two images per class: add images or remove those folders")
         if batch_size < 2 * per_class or batch_size % per_class:
-            raise CbirError(f"--batch_size {batch_size} must be a multiple of the images per class ({per_class}) "
-                            f"and hold at least two classes (>= {2 * per_class})")
+            raise ParameterError(f"{{batch_size}} {batch_size} must be a multiple of the images per class "
+                                 f"({{images_per_class}} {per_class}) and hold at least two classes "
+                                 f"(>= {2 * per_class})", "batch_size", "images_per_class")
+        classes = sorted(counts)
         self.by_class = {c: [i for i, label in enumerate(labels) if label == c] for c in classes}
-        small = [c for c, members in self.by_class.items() if len(members) < 2]
-        if small:
-            raise CbirError(f"{len(small)} class(es) hold a single image; metric learning needs at least two per class")
         self.classes_per_batch = min(batch_size // per_class, len(classes))
         self.per_class = per_class
         self.num_batches = max(1, len(labels) // (self.classes_per_batch * per_class))
@@ -209,3 +216,80 @@ class ClassBalancedBatches(torch.utils.data.Sampler):
                     picks = torch.randint(len(members), (self.per_class,), generator=generator)
                 batch.extend(members[i] for i in picks.tolist())
             yield batch
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of everything random in one epoch of one process, from the run's seed."""
+    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % 2**63
+
+
+class ShuffledBatches(torch.utils.data.Sampler):
+    """Plain shuffled batches for models that train themselves; a new order per epoch from (seed, epoch).
+
+    A last batch of a single image is dropped: batch normalisation cannot train on one image.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int = 0):
+        self.size, self.batch_size, self.seed, self.epoch = size, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.size, self.batch_size)
+        return full + (rest > 1) if self.size > 1 else 1
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch)))
+        for batch_no in range(len(self)):
+            yield order[batch_no * self.batch_size: (batch_no + 1) * self.batch_size].tolist()
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """A batch sampler's batches, each image drawn with a seed of its own, and this rank's share of them.
+
+    The per-draw seeds make augmentation a function of (seed, epoch, batch, position) alone. With several ranks,
+    batch i goes to rank i mod world (as DistributedSampler deals out indices), the list padded by wrapping around
+    so that every rank takes the same number of steps: a rank with fewer would leave the others waiting forever.
+    """
+
+    def __init__(self, batches, *, seed: int, rank: int = 0, world: int = 1):
+        self.batches, self.seed, self.rank, self.world, self.epoch = batches, seed, rank, world, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.batches.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.batches) / self.world)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch) + 1)
+        batches = list(self.batches)
+        while batches and len(batches) < len(self) * self.world:
+            batches += batches[: len(self) * self.world - len(batches)]
+        for batch_no, batch in enumerate(batches):
+            seeds = torch.randint(2**62, (len(batch),), generator=generator).tolist()
+            if batch_no % self.world == self.rank:
+                yield list(zip(batch, seeds))
+
+
+class TrainingImages(ImageDataset):
+    """(image, label, index) per (index, seed) draw; ``views=2`` gives two augmented views stacked (2, C, H, W)."""
+
+    def __init__(self, samples, transform, class_to_idx, views: int = 1):
+        super().__init__(samples, transform, class_to_idx)
+        self.views = views
+
+    def __getitem__(self, key):
+        index, seed = key
+        image = self.load(index)
+        if image is None:
+            return None
+        # The transforms draw from torch's global CPU generator: seed it for this draw, and give it back unchanged
+        # (with no workers this runs in the training process, whose generator drives dropout and the miner).
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            views = [self.transform(image) for _ in range(self.views)]
+        tensor = views[0] if self.views == 1 else torch.stack(views)
+        return tensor, self.label(index), index

@@ -10,7 +10,7 @@ What a run writes into its output folder:
   so loading a model never executes code; no pickle or joblib file);
 * ``kmeans.json``: how the model was made (input kind, pixel size, the extractor's fingerprint, seed, inertia,
   silhouette, the elbow sweep), used to refuse data the centres do not fit;
-* ``cluster_labels.json``: ``{image path: cluster}``; :func:`read_cluster_labels` reads it;
+* ``cluster_labels.json``: ``{image path: cluster}``; :func:`cbir.labels.read_cluster_labels` reads it;
 * ``elbow.png`` (inertia against k) and ``silhouette.png`` (mean silhouette against k).
 
 ``load``: ``None`` fits anew; ``"partial"`` reuses the saved centres and labels the given images with them (merged
@@ -31,22 +31,21 @@ from typing import Any
 
 import numpy as np
 
-from cbir.errors import CbirError
+from cbir.errors import CbirError, ParameterError
+from cbir.files import atomic_path, write_text_atomically
+from cbir.labels import LABELS_FILE, read_cluster_labels, save_cluster_labels
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "LOAD_MODES", "ClusterInput", "KMeansModel", "KMeansRun", "CENTROIDS_FILE", "META_FILE", "LABELS_FILE",
+    "LOAD_MODES", "ClusterInput", "KMeansModel", "KMeansRun", "CENTROIDS_FILE", "META_FILE",
     "embeddings_from_database", "embeddings_from_folder", "pixels_of", "fit_kmeans", "assign", "silhouette",
-    "elbow_sweep", "parse_range", "plot_elbow", "plot_silhouette", "save_cluster_labels", "read_cluster_labels",
-    "clusters_for",
-    "run_kmeans",
+    "elbow_sweep", "parse_range", "plot_elbow", "plot_silhouette", "run_kmeans",
 ]
 
 LOAD_MODES = (None, "partial", "complete")
 CENTROIDS_FILE = "kmeans_centroids.npy"
 META_FILE = "kmeans.json"
-LABELS_FILE = "cluster_labels.json"
 FORMAT = 1
 #: Pixel data above this size is refused up front (a smaller --pixel_size is the remedy), rather than swapping.
 MAX_PIXEL_BYTES = 8 * 2**30
@@ -258,57 +257,6 @@ def plot_silhouette(rows: list[dict], path: str | Path, chosen: int | None = Non
 
 # ---------------------------------------------------------------------------------------------- files
 
-def save_cluster_labels(labels: dict[str, int], path: str | Path) -> Path:
-    """Write ``{path: cluster}`` as JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps({str(p): int(c) for p, c in labels.items()}, indent=1, sort_keys=True))
-    os.replace(temporary, path)
-    return path
-
-
-def read_cluster_labels(path: str | Path) -> dict[str, int]:
-    """``{image path: cluster}`` from a labels file written by ``cbir-kmeans`` (or any JSON object of that shape)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / LABELS_FILE
-    if not path.is_file():
-        raise CbirError(f"cluster labels file {path} does not exist; write it with cbir-kmeans --out FOLDER")
-    try:
-        labels = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CbirError(f"{path} is not a cluster labels file (not JSON: {exc.__class__.__name__})") from None
-    if not isinstance(labels, dict):
-        raise CbirError(f"{path} is not a cluster labels file (expected a JSON object {{path: cluster}})")
-    out = {}
-    for key, value in labels.items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise CbirError(f"{path}: the cluster of {key!r} is {value!r}, not an integer")
-        out[str(key)] = value
-    if not out:
-        raise CbirError(f"{path} holds no cluster label")
-    return out
-
-
-def clusters_for(paths, labels: dict[str, int]) -> list[int | None]:
-    """The cluster of each path in ``labels`` (exact key, else the same file by absolute path); None when absent.
-
-    Label keys are a database's paths or absolute paths; a caller holding relative paths still finds them.
-    """
-    normalised = None
-    out = []
-    for path in paths:
-        path = str(path)
-        if path in labels:
-            out.append(labels[path])
-            continue
-        if normalised is None:
-            normalised = {os.path.normcase(os.path.abspath(p)): c for p, c in labels.items()}
-        out.append(normalised.get(os.path.normcase(os.path.abspath(path))))
-    return out
-
-
 @dataclass
 class KMeansModel:
     """Cluster centres plus how they were made; saved as a .npy array and a JSON file."""
@@ -346,11 +294,10 @@ class KMeansModel:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         centres, meta = out_dir / CENTROIDS_FILE, out_dir / META_FILE
-        temporary = out_dir / (CENTROIDS_FILE + ".tmp.npy")
-        np.save(temporary, self.centroids.astype(np.float32), allow_pickle=False)
-        os.replace(temporary, centres)
-        meta.write_text(json.dumps({**self.meta, "format": FORMAT, "n_clusters": self.n_clusters,
-                                    "dim": int(self.centroids.shape[1])}, indent=2, default=_json_default))
+        with atomic_path(centres, suffix=".npy") as temporary:
+            np.save(temporary, self.centroids.astype(np.float32), allow_pickle=False)
+        write_text_atomically(meta, json.dumps({**self.meta, "format": FORMAT, "n_clusters": self.n_clusters,
+                                                "dim": int(self.centroids.shape[1])}, indent=2, default=_json_default))
         return centres, meta
 
     @classmethod
@@ -428,14 +375,12 @@ class KMeansRun:
 
 def _agreement(classes: list[str], labels: np.ndarray) -> dict[str, float] | None:
     from sklearn.metrics import adjusted_rand_score
+    from sklearn.metrics.cluster import contingency_matrix
 
     if len(set(classes)) < 2:
         return None
-    table: dict[int, dict[str, int]] = {}
-    for cls, label in zip(classes, labels.tolist()):
-        table.setdefault(label, {}).setdefault(cls, 0)
-        table[label][cls] += 1
-    purity = sum(max(counts.values()) for counts in table.values()) / len(classes)
+    # Purity: each cluster counts the images of its most common class.
+    purity = contingency_matrix(classes, labels).max(axis=0).sum() / len(classes)
     return {"adjusted_rand": float(adjusted_rand_score(classes, labels)), "purity": float(purity)}
 
 
@@ -444,7 +389,7 @@ def run_kmeans(inputs: ClusterInput | None, out_dir: str | Path, *, n_clusters: 
                batch_size: int = 1024) -> KMeansRun:
     """Fit (or reuse, see ``load``) the clusters of ``inputs`` and write the model, labels and figures."""
     if load not in LOAD_MODES:
-        raise CbirError(f"--load must be 'complete' or 'partial' (or left out to fit anew), got {load!r}")
+        raise ParameterError(f"{{load}} must be 'complete' or 'partial' (or left out to fit anew), got {load!r}", "load")
     out_dir = Path(out_dir)
     labels_path = out_dir / LABELS_FILE
 

@@ -1,20 +1,23 @@
-"""Training losses: one registry, name → loss module that owns its learnable parameters.
+"""Training losses: one registry, one call shape, ``loss(embeddings, labels, indices_tuple=None)``.
 
-Two call shapes, told apart by ``takes_triplets``:
+As in pytorch-metric-learning (PML), ``embeddings`` is (B, D), ``labels`` (B,), and ``indices_tuple`` names the
+rows that pair up: triplets ``(anchor, positive, negative)`` or pairs ``(anchor, positive, anchor, negative)``.
+When it is None, the loss's own miner draws them from the batch:
 
-* group losses (``margin``, ``proxy_nca_pp``, ``softmax``, ``softtriple``) take a class-balanced batch:
-  ``loss(embeddings (B, D), labels (B,))``;
-* pair losses (``triplet``, ``BCE``, ``contrastive``, ``cosine``, ``infonce``) take Deep-Ranking style tuples:
-  ``loss(anchor (B, D), positive (B, D), negative (B, D) or None)``; ``None`` is the non-contrastive mode
-  (positive pairs only).
+* group losses (``margin``, ``proxy_nca_pp``, ``softmax``, ``softtriple``) score a class-balanced batch; the margin
+  loss mines negatives by distance-weighted sampling, the proxy losses need no tuples;
+* pair losses (``triplet``, ``BCE``, ``contrastive``, ``cosine``, ``infonce``) score Deep-Ranking style rows that a
+  :class:`RowMiner` draws: each anchor, a positive of its class, a negative of another. Created with
+  ``augmented=True`` the batch holds two augmented views of each image (the first views, then the second ones)
+  and the positive is the anchor's own second view; with ``non_contrastive=True`` there are positive pairs only.
 
 Proxies, class weights, centres and the margin loss's β are ``nn.Parameter``s of the loss module, handed to the
 optimiser through ``param_groups`` with their own learning rate: the thesis never registered them, so they never
 trained. Their sizes follow ``num_classes`` and ``num_features``.
 
-Where pytorch-metric-learning (PML) has the loss it is used as is; our own code is limited to what it lacks (the
-BCE pair loss, the pair → PML index plumbing) and to the distance-weighted miner, whose PML version departs from
-the paper's reference code (see ``DistanceWeightedMiner``).
+Where PML has the loss it is used as is; our own code is limited to what it lacks (the BCE pair loss, the row
+miner, the pair → PML index plumbing) and to the distance-weighted miner, whose PML version departs from the
+paper's reference code (see ``DistanceWeightedMiner``).
 
 Every loss is computed in float32 with autocast off: PML casts its proxies to the embeddings' dtype in place, which
 would turn the master weights into float16 under mixed precision, and ProxyNCA++'s softmax (logits down to -36)
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import numbers
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -35,27 +39,19 @@ from pytorch_metric_learning import regularizers as pml_regularizers
 from pytorch_metric_learning.utils import common_functions as pml_c_f
 from torch import nn
 
-from cbir.errors import CbirError
+from cbir.errors import ParameterError
 
 __all__ = [
     "LOSSES",
-    "PAIR_LOSSES",
-    "GROUP_LOSSES",
+    "LossSpec",
     "MetricLoss",
-    "UnknownLossError",
+    "RowMiner",
     "DistanceWeightedMiner",
     "create_loss",
     "list_losses",
+    "row_losses",
+    "check_row_options",
 ]
-
-
-class UnknownLossError(CbirError, ValueError):
-    """An unknown ``--loss`` name: a one-line message for the command line (and a ValueError for callers)."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# base classes
-# --------------------------------------------------------------------------------------------------------------
 
 
 def _fp32(device: torch.device):
@@ -66,42 +62,56 @@ def _fp32(device: torch.device):
         return nullcontext()
 
 
-class MetricLoss(nn.Module):
-    """A training loss with its own learnable parameters (if any).
+def _check_batch(name: str, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+    if embeddings.dim() != 2 or labels.dim() != 1 or len(labels) != len(embeddings):
+        raise ValueError(f"{name} loss expects embeddings (B, D) and labels (B,); "
+                         f"got {tuple(embeddings.shape)} and {tuple(labels.shape)}")
 
-    ``takes_triplets`` says which call shape ``forward`` has (see the module docstring); ``param_groups`` gives the
-    optimiser groups for the loss's own parameters.
+
+# --------------------------------------------------------------------------------------------------------------
+# the loss module
+# --------------------------------------------------------------------------------------------------------------
+
+
+class MetricLoss(nn.Module):
+    """A training loss with its own learnable parameters (if any) and its own miner (if any).
+
+    ``forward(embeddings, labels, indices_tuple=None)``; ``param_groups`` gives the optimiser groups for the loss's
+    own parameters; ``reseed`` makes the miner's draws follow from a seed.
     """
 
     name: str = ""
-    takes_triplets: bool = False
+
+    def __init__(self, miner: nn.Module | None = None):
+        super().__init__()
+        self.miner = miner
 
     def param_groups(self, *, lr_proxies: float, beta_lr: float) -> list[dict]:
         """Optimiser groups for this loss's own learnable parameters; [] when it has none."""
         return []
 
+    def reseed(self, seed: int) -> None:
+        """Seed the miner's own generator (a miner drawing from torch's global one follows ``torch.manual_seed``)."""
+        generator = getattr(self.miner, "generator", None)
+        if generator is not None:
+            generator.manual_seed(seed)
+
 
 class GroupLoss(MetricLoss):
-    """A PML loss (and optional PML-shaped miner) over a labelled batch: ``forward(embeddings, labels)``."""
-
-    takes_triplets = False
+    """A PML loss (and optional PML-shaped miner) over a labelled batch."""
 
     def __init__(self, name: str, loss: nn.Module, miner: nn.Module | None = None):
-        super().__init__()
+        super().__init__(miner)
         self.name = name
         self.loss = loss
-        self.miner = miner
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if embeddings.dim() != 2 or labels.dim() != 1 or len(labels) != len(embeddings):
-            raise ValueError(
-                f"{self.name} loss expects embeddings (B, D) and labels (B,); "
-                f"got {tuple(embeddings.shape)} and {tuple(labels.shape)}"
-            )
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple=None) -> torch.Tensor:
+        _check_batch(self.name, embeddings, labels)
         with _fp32(embeddings.device):
             embeddings = F.normalize(embeddings.float(), dim=1)
-            labels = labels.to(device=embeddings.device, dtype=torch.long)
-            indices_tuple = self.miner(embeddings, labels) if self.miner is not None else None
+            labels = labels.to(device=embeddings.device, dtype=torch.long, non_blocking=True)
+            if indices_tuple is None and self.miner is not None:
+                indices_tuple = self.miner(embeddings, labels)
             return self.loss(embeddings, labels, indices_tuple)
 
 
@@ -122,25 +132,81 @@ class MarginLoss(GroupLoss):
         return [{"params": list(self.loss.parameters()), "lr": beta_lr, "weight_decay": 0.0}]
 
 
+# --------------------------------------------------------------------------------------------------------------
+# rows for the pair losses
+# --------------------------------------------------------------------------------------------------------------
+
+
+class RowMiner(nn.Module):
+    """Deep-Ranking style rows of a balanced batch: per anchor one positive and (unless ``non_contrastive``) one
+    negative, drawn at random from its own generator (see :meth:`MetricLoss.reseed`).
+
+    Positive: another image of the anchor's class; with ``augmented``, the batch is the first views of B images
+    followed by their second views, anchors are first views and the positive is the anchor's second view (row
+    ``anchor + B``). Negative: an image of another class, among the first views. Anchors lacking either are left
+    out. Returns PML triplets ``(anchor, positive, negative)``, or pairs ``(anchor, positive, empty, empty)`` when
+    non-contrastive.
+
+    The draw runs on the CPU from the labels alone: given CPU labels, no device synchronisation.
+    """
+
+    def __init__(self, *, augmented: bool = False, non_contrastive: bool = False):
+        super().__init__()
+        self.augmented = augmented
+        self.non_contrastive = non_contrastive
+        self.generator = torch.Generator()
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        labels = labels.cpu()
+        views = len(labels) // 2 if self.augmented else len(labels)
+        labels = labels[:views]
+        same = labels[:, None] == labels[None, :]
+        negative_mask = ~same
+        positive_mask = same & ~torch.eye(len(labels), dtype=torch.bool)
+        usable = torch.ones(len(labels), dtype=torch.bool) if self.augmented else positive_mask.any(1)
+        if not self.non_contrastive:
+            usable &= negative_mask.any(1)
+        anchor = usable.nonzero().squeeze(1)
+        if len(anchor) == 0:
+            positive = negative = anchor
+        else:
+            positive = anchor + views if self.augmented else torch.multinomial(
+                positive_mask[anchor].float(), 1, generator=self.generator).squeeze(1)
+            negative = anchor[:0] if self.non_contrastive else torch.multinomial(
+                negative_mask[anchor].float(), 1, generator=self.generator).squeeze(1)
+        rows = (anchor, positive, anchor[:0], negative) if self.non_contrastive else (anchor, positive, negative)
+        return tuple(r.to(embeddings.device, non_blocking=True) for r in rows)
+
+
+def _rows(indices_tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(anchor, positive, negative or None) rows from PML triplets or from pairs without negatives."""
+    if len(indices_tuple) == 3:
+        return indices_tuple
+    anchor, positive, negative_anchor, negative = indices_tuple
+    if len(negative):
+        raise ValueError("pair losses take triplets (anchor, positive, negative) or positive pairs only "
+                         "(anchor, positive, empty, empty)")
+    return anchor, positive, None
+
+
 class PairLoss(MetricLoss):
-    """A loss over (anchor, positive, negative) rows; ``negative=None`` uses the positive pairs only."""
+    """A loss over (anchor, positive, negative) rows; without negatives it uses the positive pairs only."""
 
-    takes_triplets = True
+    def __init__(self, *, augmented: bool = False, non_contrastive: bool = False):
+        super().__init__(RowMiner(augmented=augmented, non_contrastive=non_contrastive))
 
-    def forward(
-        self, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if anchor.dim() != 2 or positive.shape != anchor.shape or (
-            negative is not None and negative.shape != anchor.shape
-        ):
-            shapes = ", ".join(str(tuple(t.shape)) for t in (anchor, positive, negative) if t is not None)
-            raise ValueError(f"{self.name} loss expects anchor, positive (and negative) all (B, D); got {shapes}")
-        with _fp32(anchor.device):
-            anchor = F.normalize(anchor.float(), dim=1)
-            positive = F.normalize(positive.float(), dim=1)
-            if negative is not None:
-                negative = F.normalize(negative.float(), dim=1)
-            return self.pair_loss(anchor, positive, negative)
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple=None) -> torch.Tensor:
+        _check_batch(self.name, embeddings, labels)
+        if indices_tuple is None:
+            indices_tuple = self.miner(embeddings, labels)
+        anchor, positive, negative = _rows(indices_tuple)
+        if len(anchor) == 0:  # no usable anchor in this batch: a step that changes nothing
+            return embeddings.sum() * 0.0
+        with _fp32(embeddings.device):
+            # Rows are gathered first and normalised after, each by itself, as the loss sees them.
+            return self.pair_loss(F.normalize(embeddings[anchor].float(), dim=1),
+                                  F.normalize(embeddings[positive].float(), dim=1),
+                                  None if negative is None else F.normalize(embeddings[negative].float(), dim=1))
 
     def pair_loss(self, anchor, positive, negative):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -254,7 +320,7 @@ def _softtriple(num_classes: int, num_features: int) -> MetricLoss:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _pair_indices(batch: int, with_negative: bool, device) -> tuple[torch.Tensor, ...]:
+def _pml_pairs(batch: int, with_negative: bool, device) -> tuple[torch.Tensor, ...]:
     """PML pair indices into cat([anchor, positive, negative]): (anchor, positive) and (anchor, negative) rows."""
     rows = torch.arange(batch, device=device)
     if with_negative:
@@ -266,8 +332,8 @@ def _pair_indices(batch: int, with_negative: bool, device) -> tuple[torch.Tensor
 class TripletLoss(PairLoss):
     """Triplet margin loss (torch), margin 0.2 on Euclidean distance: fits unit vectors (distances in [0, 2])."""
 
-    def __init__(self, margin: float = 0.2):
-        super().__init__()
+    def __init__(self, margin: float = 0.2, **rows):
+        super().__init__(**rows)
         self.name = "triplet"
         self.criterion = nn.TripletMarginLoss(margin=margin, p=2.0)
 
@@ -285,8 +351,8 @@ class BCEPairLoss(PairLoss):
     are merely orthogonal are left alone, unlike a threshold at √2 that would push every negative forever.
     """
 
-    def __init__(self, threshold: float = 1.0, scale: float = 10.0):
-        super().__init__()
+    def __init__(self, threshold: float = 1.0, scale: float = 10.0, **rows):
+        super().__init__(**rows)
         self.name = "BCE"
         self.threshold = threshold
         self.scale = scale
@@ -309,22 +375,22 @@ class ContrastivePairLoss(PairLoss):
     so every negative pair kept pushing forever and dominated the loss.
     """
 
-    def __init__(self, margin: float = 1.0):
-        super().__init__()
+    def __init__(self, margin: float = 1.0, **rows):
+        super().__init__(**rows)
         self.name = "contrastive"
         self.criterion = pml_losses.ContrastiveLoss(pos_margin=0.0, neg_margin=margin)
 
     def pair_loss(self, anchor, positive, negative):
         parts = [anchor, positive] + ([negative] if negative is not None else [])
-        indices = _pair_indices(len(anchor), negative is not None, anchor.device)
+        indices = _pml_pairs(len(anchor), negative is not None, anchor.device)
         return self.criterion(torch.cat(parts), indices_tuple=indices)
 
 
 class CosinePairLoss(PairLoss):
     """Cosine embedding loss (torch): 1 − cos(a, p) for positives, max(0, cos(a, n)) for negatives (margin 0)."""
 
-    def __init__(self, margin: float = 0.0):
-        super().__init__()
+    def __init__(self, margin: float = 0.0, **rows):
+        super().__init__(**rows)
         self.name = "cosine"
         self.criterion = nn.CosineEmbeddingLoss(margin=margin)
 
@@ -345,8 +411,8 @@ class InfoNCELoss(PairLoss):
     in-batch negatives alone remain, which is what keeps this loss from collapsing in the non-contrastive mode.
     """
 
-    def __init__(self, temperature: float = 0.07):
-        super().__init__()
+    def __init__(self, temperature: float = 0.07, **rows):
+        super().__init__(**rows)
         self.name = "infonce"
         self.criterion = pml_losses.NTXentLoss(temperature=temperature)
 
@@ -364,19 +430,27 @@ class InfoNCELoss(PairLoss):
 # registry
 # --------------------------------------------------------------------------------------------------------------
 
-LOSSES: dict[str, Callable[[int, int], MetricLoss]] = {
-    "margin": _margin,
-    "proxy_nca_pp": _proxy_nca_pp,
-    "softmax": _softmax,
-    "softtriple": _softtriple,
-    "triplet": lambda num_classes, num_features: TripletLoss(),
-    "BCE": lambda num_classes, num_features: BCEPairLoss(),
-    "contrastive": lambda num_classes, num_features: ContrastivePairLoss(),
-    "cosine": lambda num_classes, num_features: CosinePairLoss(),
-    "infonce": lambda num_classes, num_features: InfoNCELoss(),
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss: ``build(num_classes, num_features, **row_options)``, and whether it scores rows a
+    :class:`RowMiner` draws (then it takes the row options ``augmented`` and ``non_contrastive``)."""
+
+    build: Callable[..., MetricLoss]
+    draws_rows: bool = False
+
+
+LOSSES: dict[str, LossSpec] = {
+    "margin": LossSpec(_margin),
+    "proxy_nca_pp": LossSpec(_proxy_nca_pp),
+    "softmax": LossSpec(_softmax),
+    "softtriple": LossSpec(_softtriple),
+    "triplet": LossSpec(lambda num_classes, num_features, **rows: TripletLoss(**rows), draws_rows=True),
+    "BCE": LossSpec(lambda num_classes, num_features, **rows: BCEPairLoss(**rows), draws_rows=True),
+    "contrastive": LossSpec(lambda num_classes, num_features, **rows: ContrastivePairLoss(**rows), draws_rows=True),
+    "cosine": LossSpec(lambda num_classes, num_features, **rows: CosinePairLoss(**rows), draws_rows=True),
+    "infonce": LossSpec(lambda num_classes, num_features, **rows: InfoNCELoss(**rows), draws_rows=True),
 }
-PAIR_LOSSES = frozenset({"triplet", "BCE", "contrastive", "cosine", "infonce"})
-GROUP_LOSSES = frozenset(LOSSES) - PAIR_LOSSES
 
 
 def list_losses() -> list[str]:
@@ -384,13 +458,36 @@ def list_losses() -> list[str]:
     return list(LOSSES)
 
 
-def create_loss(name: str, *, num_classes: int, num_features: int) -> MetricLoss:
-    """The loss ``name`` sized for ``num_classes`` classes and ``num_features``-d embeddings."""
+def row_losses() -> list[str]:
+    """The losses that take ``augmented`` and ``non_contrastive``."""
+    return [name for name, spec in LOSSES.items() if spec.draws_rows]
+
+
+def _check_name(name: str) -> LossSpec:
     if name not in LOSSES:
-        raise UnknownLossError(f"unknown loss '{name}'; choose one of: {', '.join(list_losses())}")
+        raise ParameterError(f"unknown {{loss}} '{name}'; choose one of: {', '.join(list_losses())}", "loss")
+    return LOSSES[name]
+
+
+def check_row_options(name: str, *, augmented: bool = False, non_contrastive: bool = False) -> None:
+    """Refuse the row options for a loss that draws no rows (they would be silently ignored)."""
+    given = [option for option, on in (("augmented", augmented), ("non_contrastive", non_contrastive)) if on]
+    if given and not _check_name(name).draws_rows:
+        marked = " and ".join("{" + option + "}" for option in given)
+        raise ParameterError(f"{marked} apply to the pair losses ({', '.join(row_losses())}), not to "
+                             f"{{loss}} {name}", *given, "loss")
+
+
+def create_loss(name: str, *, num_classes: int, num_features: int, augmented: bool = False,
+                non_contrastive: bool = False) -> MetricLoss:
+    """The loss ``name`` sized for ``num_classes`` classes and ``num_features``-d embeddings; the row options go
+    to the miner of a pair loss (see the module docstring)."""
+    spec = _check_name(name)
+    check_row_options(name, augmented=augmented, non_contrastive=non_contrastive)
     for what, value in (("num_classes", num_classes), ("num_features", num_features)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    loss = LOSSES[name](int(num_classes), int(num_features))
+            raise ParameterError(f"{{{what}}} must be a positive integer, got {value!r}", what)
+    rows = {"augmented": augmented, "non_contrastive": non_contrastive} if spec.draws_rows else {}
+    loss = spec.build(int(num_classes), int(num_features), **rows)
     loss.name = name
     return loss

@@ -13,7 +13,7 @@ from cbir.data import IMAGE_EXTENSIONS, Sample, UnreadableImage, load_image
 from cbir.embedding import embed
 from cbir.naming import NAME_MAX, result_name, safe_name
 from cbir.plots import plot_retrieval
-from cbir.private_files import open_folder, write_file
+from cbir.files import open_folder, write_file
 
 
 @dataclass

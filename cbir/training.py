@@ -1,19 +1,21 @@
 """The training loop: sampling, the loss's own parameter groups, checkpoints, validation, a log, resume and DDP.
 
-Three ways to train, chosen by the model and ``--loss``:
+Two ways to train, chosen by the model:
 
-* group losses (margin, proxy_nca_pp, softmax, softtriple) on class-balanced batches;
-* pair losses (triplet, BCE, contrastive, cosine, infonce) on anchor / positive / negative rows drawn inside the
-  same class-balanced batches (``--augmented``: the positive is a second augmented view of the anchor image;
-  ``--non_contrastive``: no negatives);
+* metric learning: any loss of :mod:`cbir.losses` on class-balanced batches, ``loss(embeddings, labels)`` (the
+  pair losses draw their anchor / positive / negative rows themselves; with ``--augmented`` each image comes as two
+  augmented views);
 * models that train themselves (autoencoders, VAE, BYOL: ``extractor.trains_itself``) on plain shuffled batches
   with their own ``training_loss``.
 
-Reproducibility: everything random in an epoch is derived from (``--seed``, epoch): the batches, the anchor /
-positive / negative draws, the global RNGs (dropout, the margin loss's miner) and every image's augmentation (each
-draw of an image carries its own seed, so the augmentation does not depend on the number of DataLoader workers or
-processes). A run resumed from the checkpoint of epoch k therefore repeats exactly what the unbroken run did from
-epoch k + 1, with no RNG state to save beyond the epoch number.
+Everything a run holds while it trains (model, loss, optimiser, scheduler, loader, history, best score, files) is
+one :class:`TrainingRun`; the loop is its methods, one job each.
+
+Reproducibility: everything random in an epoch is derived from (``--seed``, epoch): the batches, the pair losses'
+rows, the global RNGs (dropout, the margin loss's miner) and every image's augmentation (each draw of an image
+carries its own seed, so the augmentation does not depend on the number of DataLoader workers or processes). A
+run resumed from the checkpoint of epoch k therefore repeats exactly what the unbroken run did from epoch k + 1,
+with no RNG state to save beyond the epoch number.
 
 ``--parallel``: one process per GPU (or CPU process with gloo) started by ``torchrun``; each rank trains on its own
 share of the batches, and the extractor and the loss's learnable parameters (β, proxies) are wrapped in one module
@@ -30,26 +32,29 @@ import random
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cbir.data import ClassBalancedBatches, ImageDataset, Sample, collate_skipping, list_samples
+from cbir.data import (ClassBalancedBatches, EpochBatches, Sample, ShuffledBatches, TrainingImages,
+                       collate_skipping, epoch_seed, list_samples)
 from cbir.embedding import default_workers, embed, pick_device
-from cbir.errors import CbirError
-from cbir.losses import LOSSES, PAIR_LOSSES, create_loss
-from cbir.models import create_extractor, load_extractor, read_checkpoint, save_extractor
+from cbir.errors import CbirError, ParameterError, check_at_least
+from cbir.files import check_input_file, check_output_file
+from cbir.labels import PathLookup, check_generalise, classes_for, read_cluster_labels
+from cbir.losses import MetricLoss, check_row_options, create_loss, list_losses
+from cbir.models import MAX_FEATURES, create_extractor, load_extractor, read_checkpoint, save_extractor
 from cbir.plots import plot_loss_curve
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS = (None, "step", "exponential")
+SCHEDULERS = ("step", "exponential")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_LOSS = "margin"
 
@@ -72,7 +77,7 @@ class TrainConfig:
     beta_lr: float = 5e-4
     gamma: float = 0.3
     lr_proxies: float = 1e-5
-    scheduler: str | None = None
+    scheduler: str | None = None  # None, "step" or "exponential"
     freeze: bool = False
     pretrained: bool = True
     pretrained_weights: str | None = None
@@ -86,11 +91,15 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 (fp16 where bf16 is missing) on GPU, fp32 on CPU
     resume: str | None = None  # a checkpoint written by train(): continue after its epoch
     generalise: int = 0  # 0 all classes; 1, 2 the training half of the classes; 3 k-means cluster labels
-    split_file: str | None = None  # --generalise 1/2: the train classes as a file (cbir.splits)
-    split_seed: int = 0  # --generalise 1/2: seed of the class halves, the same in cbir-index and cbir-eval
-    cluster_labels: str | None = None  # --generalise 3: image -> cluster file written by cbir-kmeans
+    split_file: str | None = None  # generalise 1/2: the train classes as a file (cbir.labels)
+    split_seed: int = 0  # generalise 1/2: seed of the class halves, the same in cbir-index and cbir-eval
+    cluster_labels: str | None = None  # generalise 3: image -> cluster file written by cbir-kmeans
     max_batches: int | None = None  # per epoch; for quick trials and tests
     progress: bool = True
+
+
+#: Every field's default, for fronts that expose the fields as flags (they must not restate them).
+DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name != "training_data"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,78 +107,68 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def check_flags(config: TrainConfig) -> None:
-    """Everything that can be refused from the flags alone, one line each."""
-    if config.scheduler in ("None", "none"):
-        config.scheduler = None
-    if config.scheduler not in SCHEDULERS:
-        raise CbirError(f"unknown --scheduler '{config.scheduler}'; choose step or exponential (or leave it out)")
-    if config.precision not in PRECISIONS:
-        raise CbirError(f"unknown --precision '{config.precision}'; choose one of: {', '.join(PRECISIONS)}")
-    if config.loss is not None and config.loss not in LOSSES:
-        raise CbirError(f"unknown loss '{config.loss}'; choose one of: {', '.join(LOSSES)}")
-    for flag, value in (("--num_epochs", config.num_epochs), ("--batch_size", config.batch_size),
-                        ("--images_per_class", config.images_per_class)):
-        if value < 1:
-            raise CbirError(f"{flag} must be at least 1, got {value}")
-    if config.max_batches is not None and config.max_batches < 1:
-        raise CbirError(f"--max_batches must be at least 1, got {config.max_batches}")
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ParameterError(f"unknown {{{name}}} {value!r}; choose one of: {', '.join(map(str, choices))}", name)
+
+
+def check_config(config: TrainConfig) -> None:
+    """Everything that can be refused from the configuration alone, one line each, naming the field."""
+    _check_choice("scheduler", config.scheduler, (None, *SCHEDULERS))
+    _check_choice("precision", config.precision, PRECISIONS)
+    if config.loss is not None:
+        _check_choice("loss", config.loss, list_losses())
+    for name in ("num_epochs", "batch_size", "images_per_class", "max_batches", "num_workers", "gpu_id", "seed",
+                 "split_seed", "input_size"):
+        value = getattr(config, name)
+        if value is not None:
+            check_at_least(name, value, 0 if name in ("num_workers", "gpu_id", "seed", "split_seed") else 1)
+    for name in ("lr", "gamma"):
+        if not 0 < getattr(config, name) < math.inf:
+            raise ParameterError(f"{{{name}}} must be a positive number, got {getattr(config, name)!r}", name)
+    for name in ("decay", "beta_lr", "lr_proxies"):
+        if not 0 <= getattr(config, name) < math.inf:
+            raise ParameterError(f"{{{name}}} must be a number of at least 0, got {getattr(config, name)!r}", name)
+    if not 1 <= config.num_features <= MAX_FEATURES:
+        raise ParameterError(f"{{num_features}} must lie between 1 and {MAX_FEATURES}, got {config.num_features}",
+                             "num_features")
     if not 0.0 <= config.val_fraction < 1.0:
-        raise CbirError(f"--val_fraction must be in [0, 1), got {config.val_fraction}")
-    if config.generalise not in (0, 1, 2, 3):
-        raise CbirError(f"--generalise must be 0, 1, 2 or 3, got {config.generalise}")
-    if config.generalise == 3 and not config.cluster_labels:
-        raise CbirError("--generalise 3 trains on k-means cluster labels: give --cluster_labels FILE "
-                        "(from cbir-kmeans)")
-    if config.cluster_labels and config.generalise != 3:
-        raise CbirError("--cluster_labels is used with --generalise 3 only")
-    if config.split_file and config.generalise not in (1, 2):
-        raise CbirError("--split_file is used with --generalise 1 or 2 only")
-    if config.resume and not Path(config.resume).is_file():
-        raise CbirError(f"--resume {config.resume} does not exist")
+        raise ParameterError(f"{{val_fraction}} must be in [0, 1), got {config.val_fraction}", "val_fraction")
+    check_generalise(config.generalise, cluster_labels=config.cluster_labels, split_file=config.split_file)
+    for name in ("resume", "pretrained_weights", "cluster_labels", "split_file"):
+        if getattr(config, name):
+            check_input_file(getattr(config, name), name)
+    check_output_file(config.weights, "weights")
 
 
 def check_objective(config: TrainConfig, trains_itself: bool) -> str | None:
     """The loss to train with (None: the model's own objective), or a one-line refusal."""
-    pair_flags = [flag for flag, on in (("--augmented", config.augmented),
-                                        ("--non_contrastive", config.non_contrastive)) if on]
-    if trains_itself:
-        # Refused rather than ignored: a user who names a metric loss for an autoencoder expects it to be used.
-        if config.loss is not None:
-            raise CbirError(f"'{config.model}' trains with its own objective; --loss {config.loss} does not apply to "
-                            f"it (leave --loss out)")
-        if pair_flags:
-            raise CbirError(f"{' and '.join(pair_flags)} apply to the pair losses, not to '{config.model}', "
-                            f"which trains with its own objective")
-        return None
-    loss = config.loss or DEFAULT_LOSS
-    if pair_flags and loss not in PAIR_LOSSES:
-        raise CbirError(f"{' and '.join(pair_flags)} apply to the pair losses ({', '.join(sorted(PAIR_LOSSES))}), "
-                        f"not to --loss {loss}")
-    if config.images_per_class < 2 and not config.augmented:
-        raise CbirError(f"--images_per_class {config.images_per_class}: metric learning needs at least two images of "
-                        f"a class in a batch (or --augmented with a pair loss)")
-    return loss
-
-
-def check_classes(samples: list[Sample], folder: str) -> None:
-    """Metric learning needs two classes, and two images of each (a positive besides the anchor)."""
-    counts = Counter(s.class_name for s in samples)
-    if len(counts) < 2:
-        raise CbirError(f"{folder} holds {len(counts)} class ({', '.join(counts)}); metric learning needs at least two "
-                        f"class folders")
-    single = sorted(name for name, count in counts.items() if count < 2)
-    if single:
-        names = ", ".join(single[:5]) + (", ..." if len(single) > 5 else "")
-        raise CbirError(f"{len(single)} class(es) under {folder} hold a single image ({names}); metric learning needs "
-                        f"at least two images per class: add images or remove those folders")
+    rows = {"augmented": config.augmented, "non_contrastive": config.non_contrastive}
+    if not trains_itself:
+        loss = config.loss or DEFAULT_LOSS
+        check_row_options(loss, **rows)
+        if config.images_per_class < 2 and not config.augmented:
+            raise ParameterError(f"{{images_per_class}} {config.images_per_class}: metric learning needs at least "
+                                 f"two images of a class in a batch (or {{augmented}} with a pair loss)",
+                                 "images_per_class", "augmented")
+        return loss
+    # Refused rather than ignored: a user who names a metric loss for an autoencoder expects it to be used.
+    if config.loss is not None:
+        raise ParameterError(f"'{config.model}' trains with its own objective; {{loss}} {config.loss} does not apply "
+                             f"to it (leave {{loss}} out)", "loss")
+    given = [name for name, on in rows.items() if on]
+    if given:
+        raise ParameterError(" and ".join("{" + name + "}" for name in given) + f" apply to the pair losses, not "
+                             f"to '{config.model}', which trains with its own objective", *given)
+    return None
 
 
 def resolve_precision(precision: str, device: torch.device):
     """The autocast dtype, or None for full precision. Mixed precision is a GPU feature here."""
     if device.type != "cuda":
         if precision in ("bf16", "fp16"):
-            raise CbirError(f"--precision {precision} needs a GPU; on CPU training runs in fp32 (--precision auto)")
+            raise ParameterError(f"{{precision}} {precision} needs a GPU; on CPU training runs in fp32 "
+                                 f"({{precision}} auto)", "precision")
         return None
     if precision == "fp32":
         return None
@@ -179,7 +178,7 @@ def resolve_precision(precision: str, device: torch.device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# data: samples, splits, samplers, the training dataset
+# data: samples, splits, the validation share
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -187,10 +186,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % 2**63
 
 
 def split_validation(samples, fraction: float, seed: int):
@@ -211,16 +206,17 @@ def split_validation(samples, fraction: float, seed: int):
     return train, val
 
 
-def _relabel_by_cluster(samples: list[Sample], clusters: dict[str, int], folder: str) -> list[Sample]:
-    by_path = {str(Path(path).resolve()): cluster for path, cluster in clusters.items()}
+def relabel_by_cluster(samples: list[Sample], clusters: dict[str, int], folder: str) -> list[Sample]:
+    """The samples that have a cluster label, their class replaced by ``cluster_<label>``."""
+    lookup = PathLookup(clusters)
     kept = []
     for sample in samples:
-        cluster = by_path.get(str(Path(sample.path).resolve()))
+        cluster = lookup.get(sample.path)
         if cluster is not None:
             kept.append(Sample(sample.path, f"cluster_{cluster}"))
     if not kept:
-        raise CbirError(f"--cluster_labels gives no cluster to any image under {folder}; run cbir-kmeans on that "
-                        f"folder")
+        raise ParameterError(f"{{cluster_labels}} gives no cluster to any image under {folder}; run cbir-kmeans on "
+                             f"that folder", "cluster_labels")
     if len(kept) < len(samples):
         log.warning("%d of %d images under %s have no cluster label and are left out", len(samples) - len(kept),
                     len(samples), folder)
@@ -228,128 +224,27 @@ def _relabel_by_cluster(samples: list[Sample], clusters: dict[str, int], folder:
 
 
 def training_samples(config: TrainConfig) -> tuple[list[Sample], list[Sample]]:
-    """(training, validation) samples after the ``--generalise`` rule; classes become clusters in mode 3."""
+    """(training, validation) samples after the ``generalise`` rule; classes become clusters in mode 3."""
     samples = list_samples(config.training_data)
     val_samples = list_samples(config.val_data) if config.val_data else None
     if config.generalise in (1, 2):
-        from cbir.splits import classes_for  # imported here: only this mode needs it
-
         all_classes = sorted({s.class_name for s in samples})
         keep = set(classes_for("train", all_classes, config.generalise, seed=config.split_seed,
-                                split_file=config.split_file))
+                               split_file=config.split_file))
         samples = [s for s in samples if s.class_name in keep]
         if val_samples is not None:
             val_samples = [s for s in val_samples if s.class_name in keep]
         if not samples:
-            raise CbirError(f"--generalise {config.generalise} leaves no training class under {config.training_data}")
+            raise ParameterError(f"{{generalise}} {config.generalise} leaves no training class under "
+                                 f"{config.training_data}", "generalise")
     elif config.generalise == 3:
-        from cbir.kmeans import read_cluster_labels  # imported here: only this mode needs it
-
         clusters = read_cluster_labels(config.cluster_labels)
-        samples = _relabel_by_cluster(samples, clusters, config.training_data)
+        samples = relabel_by_cluster(samples, clusters, config.training_data)
         if val_samples is not None:
-            val_samples = _relabel_by_cluster(val_samples, clusters, config.val_data)
+            val_samples = relabel_by_cluster(val_samples, clusters, config.val_data)
     if val_samples is None:
         return split_validation(samples, config.val_fraction, config.seed)
     return samples, val_samples
-
-
-class ShuffledBatches(Sampler):
-    """Plain shuffled batches for models that train themselves; a new order per epoch from (seed, epoch).
-
-    A last batch of a single image is dropped: batch normalisation cannot train on one image.
-    """
-
-    def __init__(self, size: int, batch_size: int, seed: int = 0):
-        self.size, self.batch_size, self.seed, self.epoch = size, batch_size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        full, rest = divmod(self.size, self.batch_size)
-        return full + (rest > 1) if self.size > 1 else 1
-
-    def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch)))
-        for batch_no in range(len(self)):
-            yield order[batch_no * self.batch_size: (batch_no + 1) * self.batch_size].tolist()
-
-
-class EpochBatches(Sampler):
-    """A batch sampler's batches, each image drawn with a seed of its own, and this rank's share of them.
-
-    The per-draw seeds make augmentation a function of (seed, epoch, batch, position) alone. With several ranks,
-    batch i goes to rank i mod world (as DistributedSampler deals out indices), the list padded by wrapping around
-    so that every rank takes the same number of steps: a rank with fewer would leave the others waiting forever.
-    """
-
-    def __init__(self, batches, *, seed: int, rank: int = 0, world: int = 1):
-        self.batches, self.seed, self.rank, self.world, self.epoch = batches, seed, rank, world, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.batches.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.batches) / self.world)
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch) + 1)
-        batches = list(self.batches)
-        while batches and len(batches) < len(self) * self.world:
-            batches += batches[: len(self) * self.world - len(batches)]
-        for batch_no, batch in enumerate(batches):
-            seeds = torch.randint(2**62, (len(batch),), generator=generator).tolist()
-            if batch_no % self.world == self.rank:
-                yield list(zip(batch, seeds))
-
-
-class TrainingImages(ImageDataset):
-    """(image, label, index) per (index, seed) draw; ``views=2`` gives two augmented views stacked (2, C, H, W)."""
-
-    def __init__(self, samples, transform, class_to_idx, views: int = 1):
-        super().__init__(samples, transform, class_to_idx)
-        self.views = views
-
-    def __getitem__(self, key):
-        index, seed = key
-        image = self.load(index)
-        if image is None:
-            return None
-        # The transforms draw from torch's global CPU generator: seed it for this draw, and give it back unchanged
-        # (with no workers this runs in the training process, whose generator drives dropout and the miner).
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(seed)
-            views = [self.transform(image) for _ in range(self.views)]
-        tensor = views[0] if self.views == 1 else torch.stack(views)
-        return tensor, self.label(index), index
-
-
-def pair_indices(labels: torch.Tensor, generator: torch.Generator, *, augmented: bool, non_contrastive: bool):
-    """Rows of a balanced batch as (anchor, positive, negative) indices; negative None in the non-contrastive mode.
-
-    Positive: another image of the anchor's class (with ``augmented``: the anchor's own second view, so the
-    positive index is the anchor's). Negative: an image of another class. Anchors lacking either are left out.
-    Drawn on the CPU from the labels, before the batch goes to the device: no device synchronisation.
-    """
-    same = labels[:, None] == labels[None, :]
-    negative_mask = ~same
-    positive_mask = same & ~torch.eye(len(labels), dtype=torch.bool)
-    usable = torch.ones(len(labels), dtype=torch.bool) if augmented else positive_mask.any(1)
-    if not non_contrastive:
-        usable &= negative_mask.any(1)
-    anchor = usable.nonzero().squeeze(1)
-    if len(anchor) == 0:
-        return anchor, anchor, None if non_contrastive else anchor
-    if augmented:
-        positive = anchor
-    else:
-        positive = torch.multinomial(positive_mask[anchor].float(), 1, generator=generator).squeeze(1)
-    negative = None
-    if not non_contrastive:
-        negative = torch.multinomial(negative_mask[anchor].float(), 1, generator=generator).squeeze(1)
-    return anchor, positive, negative
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -358,44 +253,32 @@ def pair_indices(labels: torch.Tensor, generator: torch.Generator, *, augmented:
 
 
 class TrainingStep(nn.Module):
-    """images (and labels, pair indices) → the loss, through the extractor and the loss module.
+    """images (and labels) → the loss, through the extractor and the loss module.
 
     Under DDP this whole module is wrapped, so the loss's learnable parameters are averaged across ranks with the
     extractor's (they would drift apart otherwise, each rank seeing other classes).
     """
 
-    def __init__(self, extractor: nn.Module, loss_fn: nn.Module | None, *, augmented: bool = False,
-                 distributed: bool = False):
+    def __init__(self, extractor: nn.Module, loss_fn: MetricLoss | None, *, distributed: bool = False):
         super().__init__()
         self.extractor = extractor
         self.loss_fn = loss_fn
-        self.augmented = augmented
         # DDP expects a gradient for every parameter it averages; a miner that finds no pair in a batch leaves β
         # out of the graph, so under DDP the loss's parameters always enter it (with weight 0).
         self.touch_loss_parameters = distributed and loss_fn is not None and any(True for _ in loss_fn.parameters())
 
-    def forward(self, images, labels=None, anchor=None, positive=None, negative=None):
+    def forward(self, images, labels=None):
         if self.loss_fn is None:
             return self.extractor.training_loss(images)
-        if self.augmented:
-            embeddings = self.extractor(images.flatten(0, 1)).unflatten(0, images.shape[:2])
-            first, second = embeddings[:, 0], embeddings[:, 1]
-            loss = self._pairs(first, first[anchor], second[anchor], None if negative is None else first[negative])
+        if images.dim() == 5:  # (B, 2, C, H, W): two augmented views of each image, embedded in one pass
+            views = self.extractor(images.flatten(0, 1)).unflatten(0, images.shape[:2])
+            embeddings, labels = torch.cat([views[:, 0], views[:, 1]]), labels.repeat(2)
         else:
             embeddings = self.extractor(images)
-            if self.loss_fn.takes_triplets:
-                loss = self._pairs(embeddings, embeddings[anchor], embeddings[positive],
-                                   None if negative is None else embeddings[negative])
-            else:
-                loss = self.loss_fn(embeddings, labels)
+        loss = self.loss_fn(embeddings, labels)
         if self.touch_loss_parameters:
             loss = loss + 0.0 * sum(p.sum() for p in self.loss_fn.parameters())
         return loss
-
-    def _pairs(self, embeddings, anchor, positive, negative):
-        if len(anchor) == 0:  # no usable anchor in this batch: a step that changes nothing
-            return embeddings.sum() * 0.0
-        return self.loss_fn(anchor, positive, negative)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -404,14 +287,14 @@ class TrainingStep(nn.Module):
 
 
 def build_scheduler(optimizer, name: str | None, num_epochs: int, gamma: float):
-    if name in (None, "None", "none"):
-        return None
+    """``step``: ×gamma at half and at the end; ``exponential``: ×gamma each epoch; None: a constant rate."""
+    _check_choice("scheduler", name, (None, *SCHEDULERS))
     if name == "step":
         milestones = [max(1, num_epochs // 2), num_epochs]
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=gamma)
     if name == "exponential":
         return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
-    raise CbirError(f"unknown --scheduler '{name}'; choose step or exponential (or leave it out)")
+    return None
 
 
 def _scheduler_state(scheduler) -> dict | None:
@@ -449,12 +332,13 @@ def distributed_from_env(parallel: bool) -> Distributed:
     if not parallel:
         return Distributed()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise CbirError("--parallel runs one process per GPU and needs torchrun to start them: torchrun "
-                        "--nproc_per_node=NUM_GPUS -m cbir.cli.train --parallel ... (see scripts/train_ddp.sh)")
+        raise ParameterError("{parallel} runs one process per GPU and needs torchrun to start them: torchrun "
+                             "--nproc_per_node=NUM_GPUS -m cbir.cli.train --parallel ... (see scripts/train_ddp.sh)",
+                             "parallel")
     dist = Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     if torch.cuda.is_available() and dist.local_rank >= torch.cuda.device_count():
-        raise CbirError(f"--parallel: local rank {dist.local_rank} but only {torch.cuda.device_count()} GPU(s); "
-                        f"give torchrun --nproc_per_node at most the number of GPUs")
+        raise ParameterError(f"{{parallel}}: local rank {dist.local_rank} but only {torch.cuda.device_count()} "
+                             f"GPU(s); give torchrun --nproc_per_node at most the number of GPUs", "parallel")
     return dist
 
 
@@ -497,8 +381,244 @@ def retrieval_top1(extractor, samples, *, device, num_workers, dist: Distributed
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the loop
+# the run
 # ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingRun:
+    """Everything one training run holds: what it trains, with what, on which batches, and what it has done."""
+
+    config: TrainConfig
+    dist: Distributed
+    device: torch.device
+    extractor: nn.Module
+    loss_fn: MetricLoss | None
+    loss_name: str | None
+    train_samples: list[Sample]
+    val_samples: list[Sample]
+    class_names: list[str]
+    batches: torch.utils.data.Sampler
+    resumed: dict | None = None
+    amp_dtype: torch.dtype | None = None
+    # built by start(): the step (DDP-wrapped when distributed), optimisation and data loading
+    step: nn.Module | None = None
+    model: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: object = None
+    scaler: object = None
+    sampler: EpochBatches | None = None
+    loader: DataLoader | None = None
+    workers: int = 0
+    # what it has done
+    start_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_score: float = -1.0
+
+    @property
+    def weights(self) -> Path:
+        return Path(self.config.weights)
+
+    @property
+    def best_path(self) -> Path:
+        return self.weights.with_name(self.weights.stem + ".best" + self.weights.suffix)
+
+    @property
+    def log_path(self) -> Path:
+        return self.weights.with_name(self.weights.stem + ".log.jsonl")
+
+    @classmethod
+    def prepare(cls, config: TrainConfig) -> "TrainingRun":
+        """Read the data, build the extractor and loss, and refuse what cannot train; no file is written yet."""
+        check_config(config)
+        dist = distributed_from_env(config.parallel)
+        device = torch.device(f"cuda:{dist.local_rank}") if dist.active and torch.cuda.is_available() \
+            else pick_device(config.gpu_id)
+        amp_dtype = resolve_precision(config.precision, device)
+        seed_everything(config.seed)
+        train_samples, val_samples = training_samples(config)
+        class_names = sorted({s.class_name for s in train_samples})
+        extractor = load_extractor(config.resume) if config.resume else create_extractor(
+            config.model, config.num_features, dr_model=config.dr_model, pretrained=config.pretrained,
+            weights_file=config.pretrained_weights, input_size=config.input_size, class_names=class_names)
+        trains_itself = bool(getattr(extractor, "trains_itself", False))
+        loss_name = check_objective(config, trains_itself)
+        if trains_itself:
+            if len(train_samples) < 2:
+                raise CbirError(f"{config.training_data} holds a single image; training needs at least two")
+            if config.batch_size < 2:
+                raise ParameterError("{batch_size} must be at least 2 (batch normalisation cannot train on single "
+                                     "images)", "batch_size")
+            batches = ShuffledBatches(len(train_samples), config.batch_size, seed=config.seed)
+        else:
+            batches = ClassBalancedBatches([s.class_name for s in train_samples], config.batch_size,
+                                           config.images_per_class, seed=config.seed)
+        resumed = _resume_state(config, loss_name, class_names) if config.resume else None
+        if config.freeze:
+            extractor.freeze_backbone()
+        loss_fn = None if trains_itself else create_loss(
+            loss_name, num_classes=len(class_names), num_features=extractor.embedding_size,
+            augmented=config.augmented, non_contrastive=config.non_contrastive)
+        return cls(config, dist, device, extractor, loss_fn, loss_name, train_samples, val_samples or [],
+                   class_names, batches, resumed, amp_dtype)
+
+    def start(self) -> None:
+        """Build the optimisation (or restore it from the checkpoint resumed) and the data loading."""
+        config, device = self.config, self.device
+        self.extractor.to(device)
+        self.step = TrainingStep(self.extractor, self.loss_fn, distributed=self.dist.active).to(device)
+        loss_groups = self.loss_fn.param_groups(lr_proxies=config.lr_proxies, beta_lr=config.beta_lr) \
+            if self.loss_fn is not None else []
+        self.optimizer = torch.optim.Adam(
+            [{"params": [p for p in self.extractor.parameters() if p.requires_grad]}, *loss_groups],
+            lr=config.lr, weight_decay=config.decay)
+        self.scheduler = build_scheduler(self.optimizer, config.scheduler, config.num_epochs, config.gamma)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+        if self.resumed is not None:
+            self._restore(self.resumed)
+        scores = [r["val_top1"] for r in self.history if r.get("val_top1") is not None
+                  and not math.isnan(r["val_top1"])]
+        self.best_score = max(scores, default=-1.0)
+        self.model = self.step
+        if self.dist.active:
+            # static: the same parameters take part in every step, which lets DDP accept parameters a model never
+            # uses (an autoencoder's own loss, a backbone's leftover layers) without searching the graph each step
+            self.model = nn.parallel.DistributedDataParallel(
+                self.step, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.workers = default_workers() if config.num_workers is None else config.num_workers
+        self.sampler = EpochBatches(self.batches, seed=config.seed, rank=self.dist.rank, world=self.dist.world)
+        images = TrainingImages(self.train_samples, self.extractor.transform(train=True),
+                                {name: i for i, name in enumerate(self.class_names)},
+                                views=2 if config.augmented else 1)
+        self.loader = DataLoader(images, batch_sampler=self.sampler, num_workers=self.workers,
+                                 collate_fn=collate_skipping, pin_memory=device.type == "cuda",
+                                 persistent_workers=self.workers > 0)
+        if self.dist.main:
+            self.weights.parent.mkdir(parents=True, exist_ok=True)
+            # A fresh run starts a fresh log; a resumed one keeps the epochs it continues from (and only those).
+            self.log_path.write_text("".join(json.dumps(row) + "\n" for row in self.history))
+
+    def _restore(self, resumed: dict) -> None:
+        try:
+            self.optimizer.load_state_dict(resumed["optimizer"])
+            if self.loss_fn is not None:
+                self.loss_fn.load_state_dict(resumed["loss_state"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CbirError(f"{self.config.resume}: its optimiser or loss state does not fit this run ({exc})") \
+                from None
+        if self.scheduler is not None:
+            _load_scheduler_state(self.scheduler, resumed["scheduler"])
+        if self.scaler is not None and resumed.get("scaler"):
+            self.scaler.load_state_dict(resumed["scaler"])
+        self.start_epoch, self.history = resumed["epoch"], list(resumed["history"])
+
+    def train_epoch(self, epoch: int) -> dict:
+        """One pass over this rank's batches; the epoch's row of the log."""
+        config, dist = self.config, self.dist
+        # Every random draw of the epoch follows from (seed, epoch): a resumed run repeats the unbroken one.
+        seed_everything(epoch_seed(config.seed, epoch, dist.rank))
+        if self.loss_fn is not None:
+            self.loss_fn.reseed(epoch_seed(config.seed, epoch, dist.rank) + 2)
+        self.sampler.set_epoch(epoch)
+        self.extractor.train()
+        started, seen, steps, last_batch = time.perf_counter(), 0, 0, None
+        loss_sum = torch.zeros((), device=self.device)
+        batches = tqdm(self.loader, desc=f"epoch {epoch}/{config.num_epochs}", unit="batch",
+                       disable=not (config.progress and dist.main))
+        for batch in batches:
+            weight = 1.0
+            if batch is None:  # every image of this batch was unreadable
+                if not dist.active or last_batch is None:
+                    continue
+                # Under DDP every rank must take part in every gradient exchange: repeat the last batch, weight 0.
+                batch, weight = last_batch, 0.0
+            last_batch = batch
+            loss, count = self._optimise(batch, weight)
+            if weight:
+                # Summed on the device: a .item() per step would make the CPU wait for the GPU at every batch.
+                loss_sum += loss.detach().float() * count
+                seen += count
+            steps += 1
+            if steps % 20 == 1 and dist.main and config.progress:
+                batches.set_postfix(loss=f"{loss.item():.4f}")
+            if config.max_batches and steps >= config.max_batches:
+                break
+        totals = torch.stack([loss_sum, torch.tensor(float(seen), device=self.device)])
+        if dist.active:
+            torch.distributed.all_reduce(totals)
+            check_ranks_agree(self.step)
+        seconds = time.perf_counter() - started
+        return {"epoch": epoch, "loss": (totals[0] / totals[1].clamp(min=1)).item(),
+                "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": int(totals[1].item()) / seconds}
+
+    def _optimise(self, batch, weight: float) -> tuple[torch.Tensor, int]:
+        """One optimiser step on one batch; the loss and the number of images."""
+        images, labels, _ = batch
+        # Labels stay on the CPU: the pair losses draw their rows there (no device synchronisation), the others
+        # move them to the embeddings' device.
+        images = images.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
+            loss = self.model(images, labels)
+        if weight != 1.0:
+            loss = loss * weight
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        if self.loss_fn is None:
+            self.extractor.after_step()
+        return loss, len(images)
+
+    def end_epoch(self, row: dict) -> None:
+        """Step the scheduler, validate, log, and write the checkpoints (the best epoch's too)."""
+        if self.scheduler is not None:
+            self.scheduler.step()
+        row["val_top1"] = retrieval_top1(self.extractor, self.val_samples, device=self.device,
+                                         num_workers=self.workers, dist=self.dist) if self.val_samples else None
+        self.history.append(row)
+        if not self.dist.main:
+            return
+        with self.log_path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        training_state = {"epoch": row["epoch"], "history": self.history,
+                          "train_config": {**asdict(self.config), "loss": self.loss_name}}
+        resume_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": _scheduler_state(self.scheduler),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "loss_state": {k: v.detach().cpu() for k, v in (self.loss_fn.state_dict() if self.loss_fn else {}).items()},
+        }
+        save_extractor(self.weights, self.extractor, training={**training_state, **resume_state})
+        val_top1 = row["val_top1"]
+        if val_top1 is not None and not math.isnan(val_top1) and val_top1 > self.best_score:
+            self.best_score = val_top1
+            # the best epoch is for use, not for resuming: no optimiser state (half the size for Adam)
+            save_extractor(self.best_path, self.extractor, training=training_state)
+        log.info("epoch %d: loss %.4f, %.1f images/s%s", row["epoch"], row["loss"], row["images_per_s"],
+                 f", validation top-1 {val_top1:.3f}" if val_top1 is not None else "")
+
+    def summary(self, seconds: float) -> dict:
+        curve = plot_loss_curve(self.history, self.weights.with_name(self.weights.stem + ".loss.png")) \
+            if self.dist.main else None
+        return {
+            "weights": str(self.weights),
+            "best_weights": str(self.best_path) if self.val_samples and self.best_path.exists() else None,
+            "loss": self.loss_name,
+            "loss_curve": str(curve) if curve else None,
+            "log": str(self.log_path),
+            "history": self.history,
+            "images": len(self.train_samples),
+            "classes": len(self.class_names),
+            "seconds": seconds,
+            "rank": self.dist.rank,
+            "world_size": self.dist.world,
+        }
 
 
 def _resume_state(config: TrainConfig, loss_name: str | None, class_names: list[str]) -> dict:
@@ -511,221 +631,35 @@ def _resume_state(config: TrainConfig, loss_name: str | None, class_names: list[
     for key in ("model", "loss", "num_features", "dr_model", "freeze", "augmented", "non_contrastive", "scheduler"):
         ours = loss_name if key == "loss" else getattr(config, key)
         if stored.get(key) != ours:
-            raise CbirError(f"{config.resume} was trained with --{key} {stored.get(key)}, not {ours}; resume with the "
-                            f"same settings")
+            raise ParameterError(f"{config.resume} was trained with {{{key}}} {stored.get(key)}, not {ours}; resume "
+                                 f"with the same settings", key)
     if payload["config"].get("class_names") != class_names:
         raise CbirError(f"{config.resume} was trained on other classes than those under {config.training_data}")
     for key in ("seed", "batch_size", "images_per_class", "max_batches"):
         if stored.get(key) != getattr(config, key):
-            log.warning("--%s %s differs from the checkpoint's %s: the run continues, but not as the unbroken one "
+            log.warning("%s %s differs from the checkpoint's %s: the run continues, but not as the unbroken one "
                         "would have", key, getattr(config, key), stored.get(key))
     if training["epoch"] >= config.num_epochs:
-        raise CbirError(f"{config.resume} has already trained {training['epoch']} epochs; give --num_epochs larger "
-                        f"than that to continue")
+        raise ParameterError(f"{config.resume} has already trained {training['epoch']} epochs; give {{num_epochs}} "
+                             f"larger than that to continue", "num_epochs")
     return training
 
 
 def train(config: TrainConfig) -> dict:
     """Train an extractor and save it to ``config.weights``; returns a summary (paths, history, time)."""
-    config = replace(config)
-    check_flags(config)
-    dist = distributed_from_env(config.parallel)
-    if dist.active and torch.cuda.is_available():
-        device = torch.device(f"cuda:{dist.local_rank}")
-    else:
-        device = pick_device(config.gpu_id)
-    amp_dtype = resolve_precision(config.precision, device)
-
-    seed_everything(config.seed)
-    train_samples, val_samples = training_samples(config)
-    class_names = sorted({s.class_name for s in train_samples})
-    class_to_idx = {name: i for i, name in enumerate(class_names)}
-    labels = [class_to_idx[s.class_name] for s in train_samples]
-
-    if config.resume:
-        extractor = load_extractor(config.resume)
-    else:
-        extractor = create_extractor(
-            config.model, config.num_features, dr_model=config.dr_model, pretrained=config.pretrained,
-            weights_file=config.pretrained_weights, input_size=config.input_size, class_names=class_names,
-        )
-    trains_itself = bool(getattr(extractor, "trains_itself", False))
-    loss_name = check_objective(config, trains_itself)
-    if trains_itself:
-        if len(train_samples) < 2:
-            raise CbirError(f"{config.training_data} holds a single image; training needs at least two")
-        if config.batch_size < 2:
-            raise CbirError("--batch_size must be at least 2 (batch normalisation cannot train on single images)")
-        batches = ShuffledBatches(len(train_samples), config.batch_size, seed=config.seed)
-    else:
-        check_classes(train_samples, config.training_data)
-        batches = ClassBalancedBatches(labels, config.batch_size, config.images_per_class, seed=config.seed)
-    resumed = _resume_state(config, loss_name, class_names) if config.resume else None
-    if config.freeze:
-        extractor.freeze_backbone()
-    loss_fn = None if trains_itself else create_loss(loss_name, num_classes=len(class_names),
-                                                     num_features=extractor.embedding_size)
-    pairs = loss_fn is not None and loss_fn.takes_triplets
-    after_step = getattr(extractor, "after_step", None) if trains_itself else None
-
+    run = TrainingRun.prepare(config)
     # Checks are done: from here on, work.
-    if dist.active:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1))
+    if run.dist.active:
+        if run.device.type == "cuda":
+            torch.cuda.set_device(run.device)
+        torch.distributed.init_process_group("nccl" if run.device.type == "cuda" else "gloo",
+                                             timeout=timedelta(hours=1))
     try:
-        return _train_loop(config, dist, device, amp_dtype, extractor, loss_fn, loss_name, pairs, after_step,
-                           batches, resumed, train_samples, val_samples, class_names, class_to_idx)
+        run.start()
+        started = time.perf_counter()
+        for epoch in range(run.start_epoch + 1, config.num_epochs + 1):
+            run.end_epoch(run.train_epoch(epoch))
+        return run.summary(time.perf_counter() - started)
     finally:
-        if dist.active:
+        if run.dist.active:
             torch.distributed.destroy_process_group()
-
-
-def _train_loop(config, dist, device, amp_dtype, extractor, loss_fn, loss_name, pairs, after_step, batches, resumed,
-                train_samples, val_samples, class_names, class_to_idx) -> dict:
-    extractor.to(device)
-    step = TrainingStep(extractor, loss_fn, augmented=config.augmented, distributed=dist.active).to(device)
-    optimizer = torch.optim.Adam(
-        [{"params": [p for p in extractor.parameters() if p.requires_grad]},
-         *(loss_fn.param_groups(lr_proxies=config.lr_proxies, beta_lr=config.beta_lr) if loss_fn is not None else [])],
-        lr=config.lr, weight_decay=config.decay,
-    )
-    scheduler = build_scheduler(optimizer, config.scheduler, config.num_epochs, config.gamma)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    start_epoch, history = 0, []
-    if resumed is not None:
-        try:
-            optimizer.load_state_dict(resumed["optimizer"])
-            if loss_fn is not None:
-                loss_fn.load_state_dict(resumed["loss_state"])
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise CbirError(f"{config.resume}: its optimiser or loss state does not fit this run ({exc})") from None
-        if scheduler is not None:
-            _load_scheduler_state(scheduler, resumed["scheduler"])
-        if scaler is not None and resumed.get("scaler"):
-            scaler.load_state_dict(resumed["scaler"])
-        start_epoch, history = resumed["epoch"], list(resumed["history"])
-    model = step
-    if dist.active:
-        model = nn.parallel.DistributedDataParallel(
-            step, device_ids=[device.index] if device.type == "cuda" else None,
-            # static: the same parameters take part in every step, which lets DDP accept parameters a model never
-            # uses (an autoencoder's own loss, a backbone's leftover layers) without searching the graph each step
-            static_graph=True,
-        )
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-
-    workers = default_workers() if config.num_workers is None else config.num_workers
-    sampler = EpochBatches(batches, seed=config.seed, rank=dist.rank, world=dist.world)
-    loader = DataLoader(
-        TrainingImages(train_samples, extractor.transform(train=True), class_to_idx,
-                       views=2 if config.augmented else 1),
-        batch_sampler=sampler, num_workers=workers, collate_fn=collate_skipping,
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-    )
-    weights = Path(config.weights)
-    best_path = weights.with_name(weights.stem + ".best" + weights.suffix)
-    log_path = weights.with_name(weights.stem + ".log.jsonl")
-    if dist.main:
-        weights.parent.mkdir(parents=True, exist_ok=True)
-        # A fresh run starts a fresh log; a resumed one keeps the epochs it continues from (and only those).
-        log_path.write_text("".join(json.dumps(row) + "\n" for row in history))
-    scores = [r["val_top1"] for r in history if r.get("val_top1") is not None and not math.isnan(r["val_top1"])]
-    best_score = max(scores, default=-1.0)
-    stored_config = {**asdict(config), "loss": loss_name}
-    started = time.perf_counter()
-
-    for epoch in range(start_epoch + 1, config.num_epochs + 1):
-        # Every random draw of the epoch follows from (seed, epoch): a resumed run repeats the unbroken one.
-        seed_everything(_epoch_seed(config.seed, epoch, dist.rank))
-        pair_generator = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch, dist.rank) + 2)
-        sampler.set_epoch(epoch)
-        extractor.train()
-        epoch_start, seen, steps, last_batch = time.perf_counter(), 0, 0, None
-        loss_sum = torch.zeros((), device=device)
-        batch_iter = tqdm(loader, desc=f"epoch {epoch}/{config.num_epochs}", unit="batch",
-                          disable=not (config.progress and dist.main))
-        for batch in batch_iter:
-            weight = 1.0
-            if batch is None:  # every image of this batch was unreadable
-                if not dist.active or last_batch is None:
-                    continue
-                # Under DDP every rank must take part in every gradient exchange: repeat the last batch, weight 0.
-                batch, weight = last_batch, 0.0
-            last_batch = batch
-            images, batch_labels, _ = batch
-            indices = pair_indices(batch_labels, pair_generator, augmented=config.augmented,
-                                   non_contrastive=config.non_contrastive) if pairs else (None, None, None)
-            images = images.to(device, non_blocking=True)
-            batch_labels = batch_labels.to(device, non_blocking=True)
-            indices = [None if i is None else i.to(device, non_blocking=True) for i in indices]
-            with autocast():
-                loss = model(images, batch_labels, *indices)
-            if weight != 1.0:
-                loss = loss * weight
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            if after_step is not None:
-                after_step()
-            if weight:
-                # Summed on the device: a .item() per step would make the CPU wait for the GPU at every batch.
-                loss_sum += loss.detach().float() * len(images)
-                seen += len(images)
-            steps += 1
-            if steps % 20 == 1 and dist.main and config.progress:
-                batch_iter.set_postfix(loss=f"{loss.item():.4f}")
-            if config.max_batches and steps >= config.max_batches:
-                break
-        totals = torch.stack([loss_sum, torch.tensor(float(seen), device=device)])
-        if dist.active:
-            torch.distributed.all_reduce(totals)
-            check_ranks_agree(step)
-        epoch_loss, epoch_seen = (totals[0] / totals[1].clamp(min=1)).item(), int(totals[1].item())
-        seconds = time.perf_counter() - epoch_start
-        lr = optimizer.param_groups[0]["lr"]
-        if scheduler is not None:
-            scheduler.step()
-        val_top1 = (retrieval_top1(extractor, val_samples, device=device, num_workers=workers, dist=dist)
-                    if val_samples else None)
-        row = {"epoch": epoch, "loss": epoch_loss, "lr": lr, "images_per_s": epoch_seen / seconds, "val_top1": val_top1}
-        history.append(row)
-        if dist.main:
-            with log_path.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
-            training_state = {"epoch": epoch, "history": history, "train_config": stored_config}
-            resume_state = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": _scheduler_state(scheduler),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "loss_state": {k: v.detach().cpu() for k, v in (loss_fn.state_dict() if loss_fn else {}).items()},
-            }
-            save_extractor(weights, extractor, training={**training_state, **resume_state})
-            if val_top1 is not None and not math.isnan(val_top1) and val_top1 > best_score:
-                best_score = val_top1
-                # the best epoch is for use, not for resuming: no optimiser state (half the size for Adam)
-                save_extractor(best_path, extractor, training=training_state)
-            log.info("epoch %d: loss %.4f, %.1f images/s%s", epoch, row["loss"], row["images_per_s"],
-                     f", validation top-1 {val_top1:.3f}" if val_top1 is not None else "")
-
-    curve = plot_loss_curve(history, weights.with_name(weights.stem + ".loss.png")) if dist.main else None
-    return {
-        "weights": str(weights),
-        "best_weights": str(best_path) if val_samples and best_path.exists() else None,
-        "loss": loss_name,
-        "loss_curve": str(curve) if curve else None,
-        "log": str(log_path),
-        "history": history,
-        "images": len(train_samples),
-        "classes": len(class_names),
-        "seconds": time.perf_counter() - started,
-        "rank": dist.rank,
-        "world_size": dist.world,
-    }

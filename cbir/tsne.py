@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from cbir.errors import CbirError
+from cbir.labels import clusters_for
 
 log = logging.getLogger("cbir")
 
@@ -145,8 +146,6 @@ def plot_tsne(points: np.ndarray, classes: list[str], path: str | Path, *, clust
 def tsne_of_database(db, out: str | Path, *, perplexity: float = 30.0, max_points: int | None = 5000, seed: int = 0,
                      cluster_labels: dict[str, int] | None = None) -> TsneMap:
     """t-SNE of the vectors stored in ``db`` (a cbir Database), drawn into ``out``."""
-    from cbir.kmeans import clusters_for
-
     items = db.items()
     if len(items) < MIN_POINTS:
         raise CbirError(f"database '{db.name}' holds {len(items)} images: t-SNE needs at least {MIN_POINTS}")

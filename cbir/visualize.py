@@ -22,6 +22,7 @@ from PIL import Image
 
 from cbir.data import IMAGENET_MEAN, IMAGENET_STD, Sample, UnreadableImage, is_image_file, list_samples, load_image
 from cbir.errors import CbirError
+from cbir.labels import project_of
 
 log = logging.getLogger("cbir")
 
@@ -268,8 +269,6 @@ def plot_images_per_class(stats: DatasetStats, out_dir: Path) -> Path:
 
 def plot_images_per_split(stats: DatasetStats, out_dir: Path) -> Path:
     """Images per split with its share of all images (left); each split's make-up by project (right)."""
-    from cbir.evaluation import project_of
-
     splits = list(stats.splits)
     counts = np.array([len(stats.splits[s]) for s in splits])
     grand = counts.sum() or 1
@@ -307,8 +306,6 @@ def plot_images_per_split(stats: DatasetStats, out_dir: Path) -> Path:
 
 def plot_image_sizes(stats: DatasetStats, out_dir: Path) -> Path:
     """Width x height of the sampled images (bubble area: how many share a size) and their histograms."""
-    from cbir.evaluation import project_of
-
     fig = _figure(12, 4.8)
     ax_scatter, ax_hist = fig.subplots(1, 2)
     if not stats.sizes:
@@ -431,8 +428,6 @@ def plot_augmentation_preview(stats: DatasetStats, out_dir: Path, *, images: int
 
 def write_tables(stats: DatasetStats, out_dir: Path) -> tuple[Path, Path]:
     """``stats.json`` (everything) and ``stats.csv`` (one row per class)."""
-    from cbir.evaluation import project_of
-
     splits = list(stats.splits)
     grand = sum(len(s) for s in stats.splits.values()) or 1
     size_by_class: dict[str, list[tuple[int, int]]] = {}

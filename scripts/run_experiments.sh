@@ -2,7 +2,7 @@
 # Run the thesis's experiment chain for several models and/or losses, and collect one row per run in a workbook:
 #
 #   train (cbir-train) -> index (cbir-index) -> train-index (cbir-train-index) -> eval (cbir-eval, per protocol)
-#   -> python -m cbir.results append  (row of sheet "runs" in $WORKBOOK)
+#   -> python -m cbir.cli.results append (cbir-results)  (row of sheet "runs" in $WORKBOOK)
 #
 # Settings come from environment variables, or from VAR=value arguments (they win):
 #
@@ -181,7 +181,7 @@ run_one() {  # model loss
                   --param "seed=$SEED" --param "ivf=$([ "$TRAIN_INDEX" = 1 ] && echo true || echo false)"
                   --param "device=$device" --param "data=$TRAIN_DATA" --param "db_name=$db"
                   --param "train_args=${TRAIN_ARGS:-}")
-    "$python" -m cbir.results append --workbook "$WORKBOOK" --run-name "$name" "${params[@]}" \
+    "$python" -m cbir.cli.results append --workbook "$WORKBOOK" --run-name "$name" "${params[@]}" \
         --timing "train_s=$train_s" --timing "index_s=$index_s" --timing "train_index_s=$train_index_s" \
         --eval-json "${evals[@]}" 2>&1 | tee -a "$log"
 }
@@ -204,7 +204,7 @@ for pair in $RUNS; do
 done
 
 echo
-"$python" -m cbir.results table --workbook "$WORKBOOK" || true
+"$python" -m cbir.cli.results table --workbook "$WORKBOOK" || true
 if [ "${#failed[@]}" -gt 0 ]; then
     echo "failed runs: ${failed[*]}" >&2
     exit 1

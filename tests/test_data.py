@@ -58,7 +58,7 @@ def test_balanced_batches_hold_several_images_of_several_classes_and_are_reprodu
 
 
 @pytest.mark.parametrize("labels, batch_size, message", [
-    ([0] * 10, 8, "two classes"),
+    ([0] * 10, 8, "at least two class folders"),
     ([0, 0, 1], 8, "single image"),
     ([0, 0, 1, 1], 6, "multiple"),
 ])

@@ -25,7 +25,7 @@ from cbir.database import Database
 from cbir.embedding import embed
 from cbir.evaluation import HEADLINE_KEYS, LEVELS
 from cbir.models import create_extractor, load_extractor, save_extractor
-from cbir.splits import classes_for
+from cbir.labels import classes_for
 
 CLASSES = ["shapes_disc", "shapes_ring", "texture_checker", "texture_stripes"]
 

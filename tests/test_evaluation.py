@@ -18,14 +18,15 @@ from cbir.evaluation import (
     HEADLINE_KEYS,
     MEASURES,
     EvalReport,
-    LevelMaps,
+    confusion_counts,
     dominant_classes,
     evaluate,
     plot_confusion_matrices,
-    project_of,
     select_queries,
     write_excel_sheet,
 )
+from cbir.errors import CbirError
+from cbir.labels import LevelMaps, project_of
 
 A, B, C, D = "alpha_a", "alpha_b", "beta_0", "gamma_1"   # projects: alpha (A, B), beta (C), gamma (D)
 MAPS = LevelMaps(similar={frozenset(("beta", "gamma"))})
@@ -147,9 +148,9 @@ def test_level_maps_from_files(tmp_path):
     assert not maps.is_similar("mitos2014", "janowczyk1")
     bad = tmp_path / "bad.txt"
     bad.write_text("lonely\n")
-    with pytest.raises(ValueError, match="bad.txt:1"):
+    with pytest.raises(CbirError, match="bad.txt:1"):
         LevelMaps.from_files(similar_file=bad)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CbirError, match="not found"):
         LevelMaps.from_files(projects_csv=tmp_path / "missing.csv")
 
 
@@ -433,6 +434,23 @@ def test_separated_report_goes_to_excel(tmp_path):
     read = pd.read_excel(path, sheet_name="fake", index_col=0)
     assert list(read.index) == [A, B, C, D]
     assert read.loc[A, "class_top1"] == pytest.approx(1 / 3)
+
+
+def test_confusion_counts_are_read_off_the_table():
+    report, _ = run(measure="all")
+    labels, counts = confusion_counts(report.per_query, column=2)
+    assert labels == [A, B, C, D]
+    expected = np.zeros((4, 4), dtype=int)
+    for (query_class, _), first in zip(TABLE, HAND_TOP1_CLASS):
+        expected[labels.index(query_class), labels.index(first)] += 1
+    # by hand: alpha_a queries got A, B, C first; alpha_b got B; beta_0 got D and C; gamma_1 got C
+    assert expected.tolist() == [[1, 1, 1, 0], [0, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 0]]
+    assert counts.tolist() == expected.tolist()
+    labels, counts = confusion_counts(report.per_query, column=3)
+    assert counts[labels.index(A)].tolist() == [1, 0, 2, 0]  # majority classes of q0, q1, q2: A, C, C
+    # a query with no result counts under "(none)", the last column
+    labels, counts = confusion_counts([("q.png", A, None, None), ("r.png", B, B, B)], column=2)
+    assert labels == [A, B, "(none)"] and counts.tolist() == [[0, 0, 1], [0, 1, 0], [0, 0, 0]]
 
 
 def test_confusion_matrices_are_drawn(tmp_path):

@@ -8,16 +8,17 @@ import torch.nn.functional as F
 
 from cbir.losses import (
     LOSSES,
-    PAIR_LOSSES,
     DistanceWeightedMiner,
     MetricLoss,
     create_loss,
     list_losses,
+    RowMiner,
+    row_losses,
 )
 
 ALL = ["margin", "proxy_nca_pp", "softmax", "softtriple", "triplet", "BCE", "contrastive", "cosine", "infonce"]
-GROUP = [n for n in ALL if n not in PAIR_LOSSES]
-PAIRS = [n for n in ALL if n in PAIR_LOSSES]
+PAIRS = ["triplet", "BCE", "contrastive", "cosine", "infonce"]
+GROUP = [n for n in ALL if n not in PAIRS]
 
 NUM_CLASSES, NUM_FEATURES, IN_FEATURES, PER_CLASS = 4, 16, 32, 6
 # the spec's defaults (--lr, --lr_proxies, --beta_lr)
@@ -45,11 +46,23 @@ def triplet_rows(labels: torch.Tensor):
 
 
 def loss_value(loss: MetricLoss, net, inputs, labels, contrastive: bool = True) -> torch.Tensor:
+    """The loss on the one call shape; pair losses get fixed rows (PML triplets, or positive pairs only)."""
     embeddings = F.normalize(net(inputs), dim=1)
-    if not loss.takes_triplets:
+    if loss.name not in PAIRS:
         return loss(embeddings, labels)
+    anchor = torch.arange(len(labels))
     positive, negative = triplet_rows(labels)
-    return loss(embeddings, embeddings[positive], embeddings[negative] if contrastive else None)
+    rows = (anchor, positive, negative) if contrastive else (anchor, positive, anchor[:0], anchor[:0])
+    return loss(embeddings, labels, rows)
+
+
+def on_rows(loss: MetricLoss, anchor, positive, negative=None) -> torch.Tensor:
+    """A pair loss on explicit rows, through the one call shape: the rows stacked, PML indices into them."""
+    embeddings = torch.cat([anchor, positive] + ([negative] if negative is not None else []))
+    rows = torch.arange(len(anchor))
+    indices = (rows, rows + len(rows), rows + 2 * len(rows)) if negative is not None else (rows, rows + len(rows),
+                                                                                           rows[:0], rows[:0])
+    return loss(embeddings, torch.zeros(len(embeddings), dtype=torch.long), indices)
 
 
 def optimiser(loss: MetricLoss, net, lr=LR, lr_proxies=LR_PROXIES, beta_lr=BETA_LR):
@@ -62,11 +75,38 @@ def optimiser(loss: MetricLoss, net, lr=LR, lr_proxies=LR_PROXIES, beta_lr=BETA_
 
 def test_registry_names_and_kinds():
     assert list_losses() == ALL and list(LOSSES) == ALL
-    assert set(PAIR_LOSSES) == {"triplet", "BCE", "contrastive", "cosine", "infonce"}
+    assert row_losses() == PAIRS
     for name in ALL:
         loss = create_loss(name, num_classes=NUM_CLASSES, num_features=NUM_FEATURES)
         assert isinstance(loss, MetricLoss) and isinstance(loss, torch.nn.Module)
-        assert loss.takes_triplets == (name in PAIR_LOSSES)
+        assert isinstance(loss.miner, RowMiner) == (name in PAIRS)
+
+
+def test_row_options_are_refused_for_losses_that_draw_no_rows():
+    with pytest.raises(ValueError, match="augmented apply to the pair losses"):
+        create_loss("margin", num_classes=3, num_features=8, augmented=True)
+    loss = create_loss("triplet", num_classes=3, num_features=8, augmented=True, non_contrastive=True)
+    assert loss.miner.augmented and loss.miner.non_contrastive
+
+
+def test_row_miner_draws_valid_rows_reproducibly():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3])  # class 3 has no positive: never an anchor
+    embeddings = torch.zeros(len(labels), 4)
+    miner = RowMiner()
+    miner.generator.manual_seed(5)
+    anchor, positive, negative = miner(embeddings, labels)
+    assert anchor.tolist() == [0, 1, 2, 3, 4, 5]
+    assert (labels[positive] == labels[anchor]).all() and (positive != anchor).all()
+    assert (labels[negative] != labels[anchor]).all()
+    miner.generator.manual_seed(5)
+    assert all(torch.equal(a, b) for a, b in zip(miner(embeddings, labels), (anchor, positive, negative)))
+    # two views: the first views of 3 images, then their second views; the positive is the anchor's second view
+    views = torch.tensor([0, 1, 1, 0, 1, 1])
+    anchor, positive, negative = RowMiner(augmented=True)(torch.zeros(6, 4), views)
+    assert anchor.tolist() == [0, 1, 2] and positive.tolist() == [3, 4, 5]
+    assert (views[negative] != views[anchor]).all() and (negative < 3).all()
+    pairs = RowMiner(non_contrastive=True)(embeddings, labels)
+    assert len(pairs) == 4 and len(pairs[2]) == len(pairs[3]) == 0
 
 
 def test_unknown_loss_is_one_line_listing_the_names():
@@ -134,7 +174,7 @@ def test_every_learnable_loss_parameter_is_registered_and_changes_after_one_step
     own = list(loss.parameters())
     registered = [p for group in groups for p in group["params"]]
     assert {id(p) for p in registered} == {id(p) for p in own}
-    if name in PAIR_LOSSES:
+    if name in PAIRS:
         assert own == [] and groups == []
         return
     assert own, f"{name} should have learnable parameters"
@@ -183,11 +223,7 @@ def test_losses_stay_float32_under_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             embeddings = net(inputs)
             assert embeddings.dtype == torch.bfloat16
-            if loss.takes_triplets:
-                positive, negative = triplet_rows(labels)
-                value = loss(embeddings, embeddings[positive], embeddings[negative])
-            else:
-                value = loss(embeddings, labels)
+            value = loss_value(loss, lambda x: x, embeddings, labels)
         assert value.dtype == torch.float32 and torch.isfinite(value)
         assert all(p.dtype == torch.float32 for p in loss.parameters()), name
 
@@ -243,8 +279,8 @@ def test_bce_pair_loss_values():
     n = torch.tensor([[0.0, 1.0]])  # d = √2 → logit 10 (1 − √2)
     logit_n = 10 * (1 - 2**0.5)
     expected = 0.5 * (F.softplus(torch.tensor(-10.0)) + F.softplus(torch.tensor(logit_n)))
-    assert torch.allclose(loss(a, p, n), expected, atol=1e-5)
-    assert torch.allclose(loss(a, p, None), F.softplus(torch.tensor(-10.0)), atol=1e-5)
+    assert torch.allclose(on_rows(loss, a, p, n), expected, atol=1e-5)
+    assert torch.allclose(on_rows(loss, a, p), F.softplus(torch.tensor(-10.0)), atol=1e-5)
 
 
 def test_contrastive_margin_fits_unit_vectors():
@@ -252,9 +288,9 @@ def test_contrastive_margin_fits_unit_vectors():
     a = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     p = torch.tensor([[1.0, 0.0], [0.6, 0.8]])  # d = 0 and d = √0.8
     far = torch.tensor([[-1.0, 0.0], [0.0, 1.0]])  # d = 2 and √2: both beyond the margin → no negative loss
-    assert torch.allclose(loss(a, p, far), torch.tensor(0.8**0.5), atol=1e-4)  # mean over non-zero positives
+    assert torch.allclose(on_rows(loss, a, p, far), torch.tensor(0.8**0.5), atol=1e-4)  # mean over non-zero positives
     near = torch.tensor([[0.8, 0.6], [0.8, 0.6]])  # d = √0.4 < 1 → pushed
-    assert loss(a, p, near).item() > loss(a, p, far).item()
+    assert on_rows(loss, a, p, near).item() > on_rows(loss, a, p, far).item()
 
 
 def test_infonce_is_simclr_nt_xent():
@@ -266,12 +302,15 @@ def test_infonce_is_simclr_nt_xent():
     targets = torch.cat([torch.arange(6, 12), torch.arange(0, 6)])
     expected = F.cross_entropy(logits, targets)
     loss = create_loss("infonce", num_classes=2, num_features=8)
-    assert torch.allclose(loss(a, p, None), expected, atol=1e-4)
+    assert torch.allclose(on_rows(loss, a, p), expected, atol=1e-4)
     n = F.normalize(torch.randn(6, 8), dim=1)
-    assert loss(a, p, n).item() > loss(a, p, None).item()  # explicit negatives join the denominator
+    assert on_rows(loss, a, p, n).item() > on_rows(loss, a, p).item()  # explicit negatives join the denominator
 
 
 def test_pair_loss_shape_mismatch_is_refused():
     loss = create_loss("triplet", num_classes=2, num_features=8)
     with pytest.raises(ValueError):
-        loss(torch.randn(4, 8), torch.randn(4, 8), torch.randn(3, 8))
+        loss(torch.randn(4, 8), torch.zeros(3, dtype=torch.long))
+    rows = torch.arange(2)
+    with pytest.raises(ValueError, match="triplets"):  # pairs with negatives: not a shape the pair losses take
+        loss(torch.randn(4, 8), torch.zeros(4, dtype=torch.long), (rows, rows + 2, rows, rows + 2))

@@ -1,4 +1,4 @@
-"""The results workbook (python -m cbir.results) and the experiment chain (scripts/run_experiments.sh)."""
+"""The results workbook (cbir-results) and the experiment chain (scripts/run_experiments.sh)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import openpyxl
 import pytest
 
-from cbir import results
+from cbir.cli import results
+from cbir.evaluation import read_rows
 from cbir.cli.common import run
 from cbir.evaluation import HEADLINE_KEYS, evaluate
 
@@ -64,7 +65,7 @@ def test_append_twice_gives_two_rows_with_the_right_numbers(tmp_path, capsys):
     groups = [c.value for c in sheet[1] if c.value]
     assert groups == ["run", "hyper-parameters", "timings (s)", "random", "all"]
 
-    columns, read = results.read_rows(workbook)
+    columns, read = read_rows(workbook)
     assert read[0][("all", "class_top1")] == pytest.approx(a1["scores"]["class_top1"]) == pytest.approx(0.5)
     assert read[0][("random", "class_top1")] == pytest.approx(r1["scores"]["class_top1"]) == pytest.approx(0.75)
     assert read[1][("all", "class_top1")] == pytest.approx(0.125)
@@ -88,7 +89,7 @@ def test_append_replace_and_user_errors(tmp_path, capsys):
     for _ in range(2):
         assert run(results.main, ["append", "--workbook", str(workbook), "--run-name", "r", "--replace",
                                   "--eval-json", f"all={all_1}"]) == 0
-    assert len(results.read_rows(workbook)[1]) == 1
+    assert len(read_rows(workbook)[1]) == 1
     capsys.readouterr()
     for argv in (["append", "--workbook", str(workbook), "--run-name", "x", "--eval-json", "all=missing.json"],
                  ["append", "--workbook", str(tmp_path / "w.csv"), "--run-name", "x"],
@@ -114,7 +115,7 @@ def test_run_experiments_chain_writes_a_workbook_row(synthetic_data, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     workbook = tmp_path / "excel_results" / "results.xlsx"
-    columns, rows = results.read_rows(workbook)
+    columns, rows = read_rows(workbook)
     assert len(rows) == 1
     row = rows[0]
     assert row[("run", "run")] == "effnet_margin_128f_1e"
@@ -150,9 +151,9 @@ def test_run_experiments_refuses_bad_settings(tmp_path):
 def test_results_module_runs_as_a_command(tmp_path):
     all_1, _ = eval_file(tmp_path, "a1.json", "all", {"pbc_a": 2})
     workbook = tmp_path / "w.xlsx"
-    done = subprocess.run([sys.executable, "-m", "cbir.results", "append", "--workbook", str(workbook),
+    done = subprocess.run([sys.executable, "-m", "cbir.cli.results", "append", "--workbook", str(workbook),
                            "--run-name", "cli", "--eval-json", f"all={all_1}"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    done = subprocess.run([sys.executable, "-m", "cbir.results", "append", "--workbook", str(workbook),
+    done = subprocess.run([sys.executable, "-m", "cbir.cli.results", "append", "--workbook", str(workbook),
                            "--run-name", "cli", "--eval-json", "all=nope.json"], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.startswith("error:") and "Traceback" not in done.stderr

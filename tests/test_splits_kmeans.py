@@ -14,10 +14,9 @@ from cbir.cli.common import run
 from cbir.data import Sample
 from cbir.database import Database
 from cbir.errors import CbirError
-from cbir.evaluation import project_of
-from cbir.kmeans import (CENTROIDS_FILE, LABELS_FILE, META_FILE, ClusterInput, clusters_for, fit_kmeans,
-                         parse_range, read_cluster_labels, run_kmeans)
-from cbir.splits import classes_for, restrict_samples
+from cbir.kmeans import CENTROIDS_FILE, META_FILE, ClusterInput, fit_kmeans, parse_range, run_kmeans
+from cbir.labels import (LABELS_FILE, classes_for, clusters_for, project_of, read_cluster_labels,
+                         restrict_samples)
 
 HISTO_BENCH = ["lc25000_lung_aca", "lc25000_lung_n", "lc25000_lung_scc", "pbc_basophil", "pbc_eosinophil",
                "pbc_erythroblast", "pbc_ig", "pbc_lymphocyte", "pbc_monocyte", "pbc_neutrophil", "pbc_platelet"]
@@ -75,7 +74,7 @@ def test_split_file_lists_the_train_classes(tmp_path):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda tmp: classes_for("train", HISTO_BENCH, 4), "--generalise must be"),
+    (lambda tmp: classes_for("train", HISTO_BENCH, 4), "generalise must be"),
     (lambda tmp: classes_for("valid", HISTO_BENCH, 1), "split must be"),
     (lambda tmp: classes_for("train", ["pbc_a"], 1), "only one class"),
     (lambda tmp: classes_for("train", HISTO_BENCH, 1, split_file=str(tmp / "missing.txt")), "does not exist"),

@@ -163,7 +163,7 @@ def test_resume_after_one_epoch_equals_the_unbroken_run(colours, tmp_path):
 def test_resume_refuses_other_settings_and_finished_runs(colours, tmp_path):
     weights = tmp_path / "w.pt"
     train(tiny_config(colours, weights, loss="softmax", num_epochs=1, max_batches=1))
-    with pytest.raises(CbirError, match="--loss softmax, not margin"):
+    with pytest.raises(CbirError, match="with loss softmax, not margin"):
         train(tiny_config(colours, tmp_path / "x.pt", loss="margin", num_epochs=2, resume=str(weights)))
     with pytest.raises(CbirError, match="already trained 1 epochs"):
         train(tiny_config(colours, tmp_path / "x.pt", loss="softmax", num_epochs=1, resume=str(weights)))
@@ -178,12 +178,12 @@ def test_a_model_that_trains_itself_uses_its_own_loss_on_one_class(tmp_path):
     # after_step ran once per optimiser step: 24 images in batches of 16 -> 2 steps an epoch
     assert int(payload["state_dict"]["backbone.after_steps"]) == 6
     assert load_extractor(tmp_path / "ae.pt")(torch.rand(2, 3, 32, 32)).shape == (2, 32)
-    with pytest.raises(CbirError, match="trains with its own objective; --loss margin does not apply"):
+    with pytest.raises(CbirError, match="trains with its own objective; loss margin does not apply"):
         train(tiny_config(data, tmp_path / "x.pt", model="test_tiny_ae", loss="margin"))
 
 
 def test_generalise_1_trains_on_the_train_half_of_the_classes(synthetic_data, tmp_path):
-    from cbir.splits import classes_for
+    from cbir.labels import classes_for
 
     all_classes = sorted(p.name for p in synthetic_data["train"].iterdir())
     expected = classes_for("train", all_classes, 1)
@@ -194,7 +194,7 @@ def test_generalise_1_trains_on_the_train_half_of_the_classes(synthetic_data, tm
 
 
 def test_generalise_3_trains_on_cluster_labels(synthetic_data, tmp_path):
-    from cbir.kmeans import save_cluster_labels
+    from cbir.labels import save_cluster_labels
 
     images = sorted(p for p in Path(synthetic_data["train"]).rglob("*.png"))
     labels = save_cluster_labels({str(p): i % 3 for i, p in enumerate(images)}, tmp_path / "clusters.json")
@@ -258,7 +258,7 @@ def test_bad_input_is_refused_in_one_line_before_any_work(colours, tmp_path, cap
     assert "trains with its own objective" in one_line_error(
         capsys, [*base[:1], "test_tiny_ae", *base[2:], "--training_data", str(colours), "--loss", "triplet"])
     assert not weights.parent.exists()  # refused before anything was written
-    for field, value, message in (("scheduler", "cosine", "unknown --scheduler 'cosine'"),
+    for field, value, message in (("scheduler", "cosine", "unknown scheduler 'cosine'"),
                                   ("loss", "arcface", "unknown loss 'arcface'"),
                                   ("precision", "fp16", "needs a GPU")):
         if field == "precision" and torch.cuda.is_available():

@@ -38,15 +38,13 @@ def main(argv=None) -> None:
     from cbir.classification import classification_accuracy
     from cbir.data import list_samples
     from cbir.errors import CbirError
-    from cbir.evaluation import LevelMaps, plot_confusion_matrices, write_excel_sheet
+    from cbir.evaluation import plot_confusion_matrices, write_excel_sheet
+    from cbir.labels import LevelMaps
 
     args = parser().parse_args(argv)
     train_samples = list_samples(args.training_data)
     queries = list_samples(args.path)
-    try:
-        maps = LevelMaps.from_files(args.projects_csv, args.similar)
-    except (OSError, ValueError) as exc:
-        raise CbirError(str(exc)) from None
+    maps = LevelMaps.from_files(args.projects_csv, args.similar)
     extractor = build_extractor(args, None)
     result = classification_accuracy(
         extractor, train_samples, queries, measure=args.measure, num_epochs=args.num_epochs, lr=args.lr,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-from cbir.errors import CbirError
+from cbir.errors import CbirError, ParameterError
+from cbir.labels import GENERALISE_MODES
 
 EXIT_USAGE = 2
 
@@ -76,6 +78,18 @@ def protocol_args(parser: argparse.ArgumentParser, *, default_measure: str) -> N
     parser.add_argument("--output", default=None, help="write every number to this JSON file")
 
 
+def generalise_args(parser: argparse.ArgumentParser) -> None:
+    """``--generalise``, ``--split_file``, ``--split_seed``: the same flags on every command that splits classes."""
+    group = parser.add_argument_group("generalisation")
+    group.add_argument("--generalise", type=int, default=0, choices=list(GENERALISE_MODES),
+                       help="0: all classes; 1 / 2: train on one half of the classes, index and query the other "
+                            "(2 swaps the halves); 3: all classes, labels replaced by k-means clusters")
+    group.add_argument("--split_file", default=None,
+                       help="with --generalise 1/2: a file listing the train classes of --generalise 1, one per "
+                            "line; every other class is index/query (default: a seeded split balanced per project)")
+    group.add_argument("--split_seed", type=int, default=0, help="seed of the class halves (default 0)")
+
+
 def build_extractor(args, recorded: dict | None = None):
     """The extractor the user named: a checkpoint, the frozen backbone, or the one the database records."""
     from cbir.models import create_extractor, load_extractor
@@ -99,7 +113,8 @@ def describe_extractor(extractor, weights: str | None) -> dict:
 
 
 def run(main, argv=None) -> int:
-    """Run a command: user errors become one line on stderr and exit 2; Ctrl-C exits 130."""
+    """Run a command: user errors become one line on stderr and exit 2 (a library error naming a parameter
+    names its flag); Ctrl-C exits 130; a reader that stops reading (``| head``) ends the command quietly."""
     # Our own progress and warnings only: the root logger stays quiet (FAISS logs its CPU-feature probing there).
     logger = logging.getLogger("cbir")
     if not logger.handlers:
@@ -110,12 +125,20 @@ def run(main, argv=None) -> int:
         logger.propagate = False
     try:
         main(argv)
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not at interpreter exit
+    except ParameterError as exc:
+        print(f"error: {exc.worded()}", file=sys.stderr)
+        return EXIT_USAGE
     except CbirError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted; what was stored so far is kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Python would print its own error while flushing stdout at exit: point stdout at nothing first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 

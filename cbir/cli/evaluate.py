@@ -7,8 +7,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from cbir.cli.common import build_extractor, database_args, entry_point, extractor_args, protocol_args
-from cbir.splits import add_generalise_args
+from cbir.cli.common import (build_extractor, database_args, entry_point, extractor_args, generalise_args,
+                             protocol_args)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=int, default=None, help="inverted lists searched (approximate index only)")
     p.add_argument("--map_at_r", action="store_true",
                    help="also MAP@R (asks the search for as many results as the largest class holds)")
-    add_generalise_args(p)
+    generalise_args(p)
     p.add_argument("--cluster_labels", default=None,
                    help="image -> cluster labels (cbir-kmeans --out: its cluster_labels.json) for the cluster-level "
                         "scores; required by --generalise 3; label the query folder too (cbir-kmeans --load partial)")
@@ -35,11 +35,9 @@ def main(argv=None) -> None:
     from cbir.data import list_samples
     from cbir.database import Database
     from cbir.errors import CbirError
-    from cbir.evaluation import (LevelMaps, evaluate, plot_confusion_matrices, results_to_request,
-                                 write_excel_sheet)
-    from cbir.kmeans import read_cluster_labels
+    from cbir.evaluation import evaluate, plot_confusion_matrices, results_to_request, write_excel_sheet
+    from cbir.labels import LevelMaps, read_cluster_labels, restrict_samples
     from cbir.retrieval import search_function
-    from cbir.splits import restrict_samples
 
     args = parser().parse_args(argv)
     queries = list_samples(args.path)
@@ -50,10 +48,7 @@ def main(argv=None) -> None:
         raise CbirError("--generalise 3 scores against k-means clusters: give --cluster_labels FILE "
                         "(cbir-kmeans --out FOLDER writes FOLDER/cluster_labels.json)")
     cluster_labels = read_cluster_labels(args.cluster_labels) if args.cluster_labels else None
-    try:
-        maps = LevelMaps.from_files(args.projects_csv, args.similar)
-    except (OSError, ValueError) as exc:
-        raise CbirError(str(exc)) from None
+    maps = LevelMaps.from_files(args.projects_csv, args.similar)
     with Database.open(args.db_name, home=args.home, redis_url=args.redis_url) as db:
         extractor = build_extractor(args, db.extractor)
         db_class_counts = None

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from cbir.cli.common import build_extractor, database_args, describe_extractor, entry_point, extractor_args
-from cbir.splits import add_generalise_args
+from cbir.cli.common import (build_extractor, database_args, describe_extractor, entry_point, extractor_args,
+                             generalise_args)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -18,7 +18,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shared_group", action="store_true",
                    help="share the database folder with its group (2770, files 0660) instead of keeping it private "
                         "to you (0700, files 0600); see SECURITY.md")
-    add_generalise_args(p)
+    generalise_args(p)
     database_args(p)
     extractor_args(p)
     return p
@@ -36,7 +36,7 @@ def main(argv=None) -> None:
         raise CbirError(f"--chunk must be at least 1, got {args.chunk}")
     samples = list_images(args.path)  # checked before anything is opened or emptied
     if args.generalise in (1, 2):
-        from cbir.splits import restrict_samples
+        from cbir.labels import restrict_samples
 
         # Only the classes the extractor never saw (the "test" half of cbir.splits) go into the database.
         samples = restrict_samples(samples, "test", args.generalise, seed=args.split_seed, split_file=args.split_file)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cbir.cli.common import entry_point
+from cbir.cli.common import entry_point, generalise_args
 from cbir.training import PRECISIONS, SCHEDULERS, TrainConfig, train
 
 log = logging.getLogger("cbir")
@@ -14,7 +14,6 @@ log = logging.getLogger("cbir")
 def parser() -> argparse.ArgumentParser:
     from cbir.losses import list_losses
     from cbir.models import check_model_name
-    from cbir.splits import add_generalise_args
 
     p = argparse.ArgumentParser(prog="cbir-train", description="Train a feature extractor (deep metric learning).")
     p.add_argument("--training_data", required=False, help="folder with one sub-folder per class")
@@ -56,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
                    help="auto: mixed precision on GPU (bf16, else fp16 with loss scaling), fp32 on CPU")
     p.add_argument("--resume", default=None, metavar="CHECKPOINT",
                    help="continue a run from the checkpoint it wrote (same flags; --num_epochs may grow)")
-    add_generalise_args(p)
+    generalise_args(p)
     p.add_argument("--cluster_labels", default=None,
                    help="--generalise 3: the image -> cluster labels cbir-kmeans wrote (train on clusters, not "
                         "classes)")
@@ -75,6 +74,8 @@ def main(argv=None) -> None:
     if not args.training_data:
         parser().error("--training_data is required")
     options = {k: v for k, v in vars(args).items() if k not in ("scratch", "list_models")}
+    if options["scheduler"] == "None":
+        options["scheduler"] = None
     config = TrainConfig(**options, pretrained=not args.scratch)
     summary = train(config)
     if summary["rank"] != 0:  # under torchrun, rank 0 speaks for all

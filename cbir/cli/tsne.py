@@ -28,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     from cbir.database import Database
     from cbir.errors import CbirError
-    from cbir.kmeans import read_cluster_labels
+    from cbir.labels import read_cluster_labels
     from cbir.tsne import tsne_of_database
 
     args = parser().parse_args(argv)

@@ -34,7 +34,7 @@ import numpy as np
 import redis
 
 from cbir.errors import CbirError
-from cbir.private_files import file_mode, locked, prepare_folder
+from cbir.files import file_mode, locked, prepare_folder
 
 from . import paths as paths_module
 from . import store as store_module
@@ -73,7 +73,7 @@ def _check_name(name) -> str:
 
 
 def _prepare(folder: Path, shared_group: bool = False) -> bool:
-    """Create or check a database folder (``cbir.private_files.prepare_folder``); True when group-shared."""
+    """Create or check a database folder (``cbir.files.prepare_folder``); True when group-shared."""
     try:
         return prepare_folder(folder, shared_group=shared_group, what="database folder")
     except DatabaseError:
@@ -229,7 +229,7 @@ class Database:
         ``<home>/<name>/``, started on first use and shared by every process that opens the database.
         The FAISS index file is in ``<home>/<name>/`` in every case. That folder and its files are private to
         the user (``0700``/``0600``); ``shared_group=True`` shares them with the folder's group (``2770``/``0660``)
-        and a folder once shared stays so (see ``cbir.private_files``).
+        and a folder once shared stays so (see ``cbir.files``).
         """
         _check_name(name)
         home = _resolve_home(home)

@@ -23,7 +23,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from cbir.private_files import PRIVATE_FILE, replacing
+from cbir.files import PRIVATE_FILE, replacing
 
 from .errors import DatabaseError
 

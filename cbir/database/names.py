@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cbir.private_files import PRIVATE_FILE, replacing
+from cbir.files import PRIVATE_FILE, replacing
 
 from .store import encode
 

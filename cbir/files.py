@@ -1,5 +1,6 @@
-"""The folders and files the tool keeps data in: private to their owner unless a group was asked for, and never
-written through a link that someone else planted.
+"""Files and folders the tool writes: atomically (readers see the old version or the new one, never half of one),
+private to their owner unless a group was asked for, never through a link someone else planted, and to places
+checked before any work starts.
 
 Rules (see SECURITY.md):
 
@@ -8,8 +9,8 @@ Rules (see SECURITY.md):
   its files ``0660``.
 * A folder is used only when it belongs to the user, or is group-shared with a group of the user. A symbolic link
   in its place is followed only when the user made it (the link itself belongs to the user).
-* Files are written under a fresh temporary name (``O_CREAT | O_EXCL | O_NOFOLLOW``) and renamed into place: a link
-  planted under the final name is replaced, never written through, and readers never see half a file.
+* Files are written to a new temporary file (``O_CREAT | O_EXCL | O_NOFOLLOW``) renamed into place: a link planted
+  under the final name is replaced, never written through.
 * A lock another process holds is waited for a bounded time, saying who holds it, never silently for ever.
 """
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import grp
 import logging
 import os
 import pwd
@@ -26,8 +26,9 @@ import secrets
 import stat
 import time
 from pathlib import Path
+from typing import Iterator
 
-from cbir.errors import CbirError
+from cbir.errors import CbirError, ParameterError
 from cbir.naming import printable
 
 PRIVATE_FOLDER, PRIVATE_FILE = 0o700, 0o600
@@ -41,18 +42,92 @@ _NOTICE_AFTER = 3.0  # seconds of waiting before saying who holds the lock
 log = logging.getLogger("cbir")
 
 
+# ---------------------------------------------------------------------------------------------- writing
+
+def _new_temporary(path: Path, *, mode: int, suffix: str = ".tmp", dir_fd: int | None = None) -> tuple[int, Path]:
+    """A new file beside ``path`` (relative to ``dir_fd`` if given), created exclusively and without following a
+    link (``O_CREAT | O_EXCL | O_NOFOLLOW``) with exactly ``mode``: (descriptor, its path)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        # A unique name: two writers of one file never share it (the last replace wins). Cut, so that it fits
+        # where the final name only just does.
+        temporary = path.parent / f".{path.name[:100]}.{secrets.token_hex(4)}{suffix}"
+        try:
+            fd = os.open(temporary, flags, mode, dir_fd=dir_fd)
+        except FileExistsError:
+            continue
+        os.fchmod(fd, mode)  # the mode asked for, whatever the umask took away (a group's write bit)
+        return fd, temporary
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike, *, mode: int = PRIVATE_FILE, durable: bool = False, dir_fd: int | None = None):
+    """A binary file to write that replaces ``path`` (relative to the open folder ``dir_fd`` if given) when the
+    block ends without an error.
+
+    Written to a new file (see :func:`_new_temporary`) renamed over ``path``: a link planted at ``path`` is
+    replaced, not written through, and a reader never sees half a file. ``durable`` fsyncs the file and the rename.
+    """
+    path = Path(path)
+    fd, temporary = _new_temporary(path, mode=mode, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            if durable:
+                os.fsync(handle.fileno())
+        os.replace(temporary, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary, dir_fd=dir_fd)
+    if durable:
+        with contextlib.suppress(OSError):
+            directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY, dir_fd=dir_fd)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+
+
+def write_file(path: str | os.PathLike, data: bytes, *, mode: int = PRIVATE_FILE, dir_fd: int | None = None) -> None:
+    """Replace ``path`` with ``data`` (see :func:`replacing`)."""
+    with replacing(path, mode=mode, dir_fd=dir_fd) as handle:
+        handle.write(data)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Path]:
+    """A fresh temporary path beside ``path`` to write to; on success it replaces ``path`` in one step.
+
+    For writers that want a path (openpyxl, numpy, torch); :func:`replacing` gives a file. The temporary file is
+    unique, private (``0600``, exclusively created: never an existing file or a link someone planted), and removed
+    on every way out that is not success, an interrupt included. ``suffix`` keeps the extension writers check
+    (``.xlsx`` for openpyxl, ``.npy`` for numpy).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = _new_temporary(path, mode=PRIVATE_FILE, suffix=suffix)
+    os.close(handle)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------- folders
+
 def user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return f"uid {uid}"
-
-
-def group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return f"gid {gid}"
 
 
 def _my_groups() -> set[int]:
@@ -159,45 +234,6 @@ def check_private_folder(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-# --- writing files ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def replacing(path: str | os.PathLike, *, mode: int = PRIVATE_FILE, durable: bool = False, dir_fd: int | None = None):
-    """A binary file to write that replaces ``path`` (relative to the open folder ``dir_fd`` if given) when the
-    block ends without an error.
-
-    Written under a fresh name (``O_EXCL | O_NOFOLLOW``, ``mode``) and renamed over ``path``: a link planted at
-    ``path`` is replaced, not written through, and a reader never sees half a file. ``durable`` fsyncs the file
-    and the rename.
-    """
-    path = Path(path)
-    tmp = path.parent / f".cbir-{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
-    try:
-        os.fchmod(fd, mode)  # the mode asked for, whatever the umask took away (a group's write bit)
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            if durable:
-                os.fsync(handle.fileno())
-        os.replace(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=dir_fd)
-    if durable:
-        with contextlib.suppress(OSError):
-            directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY, dir_fd=dir_fd)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
-
-
-def write_file(path: str | os.PathLike, data: bytes, *, mode: int = PRIVATE_FILE, dir_fd: int | None = None) -> None:
-    """Replace ``path`` with ``data`` (see :func:`replacing`)."""
-    with replacing(path, mode=mode, dir_fd=dir_fd) as handle:
-        handle.write(data)
-
-
 def open_folder(path: str | os.PathLike, what: str, *, dir_fd: int | None = None, own_link: bool = False) -> int:
     """An open descriptor of the folder ``path`` (relative to ``dir_fd`` if given), made ``0700`` when missing;
     refused when it is a link (``own_link``: unless the user made it), or belongs to someone else and is not
@@ -251,7 +287,8 @@ def read_private_text(path: str | os.PathLike, what: str, *, shared_group: bool 
         return handle.read().decode("utf-8", "replace")
 
 
-# --- locks -----------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------- locks
+
 def lock_wait() -> float:
     try:
         return max(0.0, float(os.environ.get("CBIR_LOCK_WAIT", DEFAULT_LOCK_WAIT)))
@@ -347,3 +384,52 @@ def locked(path: str | os.PathLike, what: str, *, mode: int = PRIVATE_FILE, wait
 def _holders(path) -> str:
     pids = [pid for pid in lock_holders(path) if pid != os.getpid()]
     return ", ".join(describe_process(pid) for pid in pids) if pids else "another process"
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+def _nearest_existing(folder: Path) -> Path:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _check_creatable(folder: Path, name: str, what: Path) -> None:
+    existing = _nearest_existing(folder.absolute())
+    if not existing.is_dir():
+        raise ParameterError(f"{{{name}}} {what}: {existing} is a file, so no folder can be made under it", name)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ParameterError(f"{{{name}}} {what}: {existing} is not writable", name)
+
+
+def check_output_file(path: str | os.PathLike, name: str, *, suffix: str | None = None) -> Path:
+    """Refuse, before any work, an output file that could not be written: a folder, a special file, an
+    unwritable or impossible parent folder, or (with ``suffix``) another extension."""
+    path = Path(path)
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise ParameterError(f"{{{name}}} must name a {suffix} file, got {path}", name)
+    if path.is_dir():
+        raise ParameterError(f"{{{name}}} {path} is a folder; give a file name (in it, or elsewhere)", name)
+    if path.exists() and not path.is_file():
+        raise ParameterError(f"{{{name}}} {path} is not a regular file", name)
+    _check_creatable(path.parent, name, path)
+    return path
+
+
+def check_output_folder(path: str | os.PathLike, name: str) -> Path:
+    """Refuse, before any work, an output folder that could not be made or written to."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ParameterError(f"{{{name}}} {path} is a file, not a folder", name)
+    _check_creatable(path, name, path)
+    return path
+
+
+def check_input_file(path: str | os.PathLike, name: str) -> Path:
+    """Refuse an input file that is missing or is a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise ParameterError(f"{{{name}}} {path} is a folder, not a file", name)
+    if not path.is_file():
+        raise ParameterError(f"{{{name}}} {path} does not exist", name)
+    return path
