@@ -381,6 +381,20 @@ def test_a_database_of_paths_as_given_is_migrated_once_with_nothing_lost(tmp_pat
     assert "1 paths were stored relative" in caplog.text and "elsewhere/gone.png" in caplog.text
 
 
+def test_a_query_through_a_linked_folder_is_still_itself_in_evaluation(tmp_path, monkeypatch):
+    from cbir.evaluation.searching import GroupExclusion, filter_results
+
+    files = [tile(tmp_path / "data" / "cls" / f"{i}.png", i) for i in range(2)]
+    (tmp_path / "linked").symlink_to(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    with Database.open("db", create=True) as db:
+        db.add([str(f) for f in files], ["cls"] * 2, unit(2))
+        found = db.search(unit(2)[:1], k=2).paths[0]
+    # The query named through the link and relative: the stored (resolved) path of the same file is dropped.
+    outcome = filter_results("linked/cls/0.png", found, ["cls"] * 2, GroupExclusion(None))
+    assert outcome.self_found and outcome.results == [(str(files[1]), "cls")]
+
+
 @pytest.fixture(scope="module")
 def tiny_extractor(tmp_path_factory):
     import torch
