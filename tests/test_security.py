@@ -686,5 +686,6 @@ def test_result_names_too_long_are_shortened_never_dropped(tmp_path):
 
 def test_names_stay_distinct_and_print_escaped():
     assert safe_name("a_b") == "a_b" and safe_name("a b") != safe_name("a_b") and safe_name("a/b") != "a_b"
+    assert safe_name("a b.png").endswith(".png") and safe_name("a b.png") != safe_name("a_b.png")
     assert "/" not in safe_name("../../etc") and len(safe_name("é" * 300)) <= 255
     assert printable("a\nb\x1b[2J") == "a\\nb\\x1b[2J" and printable("tumeur_é") == "tumeur_é"

@@ -508,12 +508,32 @@ class Database:
             self._version = version
 
     @_redis_errors
-    def has_paths(self, paths) -> list[bool]:
-        """Whether each path is stored, in its resolved form or as given (one round trip)."""
+    def lookup(self, ids) -> list[tuple[str, str] | None]:
+        """(path, class) of each id, None for an id not stored; read from Redis (one round trip)."""
+        self._check_open()
+        return self._store.lookup([int(i) for i in ids])
+
+    @_redis_errors
+    def ids_of_paths(self, paths) -> list[int | None]:
+        """The id of each path, stored in its resolved form or as given; None for a path not stored (one round
+        trip)."""
+        self._check_open()
         given = [os.fspath(p) for p in paths]
         forms = [encode(p) for p in paths_module.resolve(given)] + [encode(p) for p in given]
-        found = [image_id is not None for image_id in self._store.ids_of_paths(forms)]
-        return [resolved or as_given for resolved, as_given in zip(found[: len(given)], found[len(given) :])]
+        found = self._store.ids_of_paths(forms)
+        return [resolved if resolved is not None else as_given
+                for resolved, as_given in zip(found[: len(given)], found[len(given) :])]
+
+    @property
+    @_redis_errors
+    def generation(self) -> tuple[str | None, int]:
+        """Changes whenever the stored images change (emptied, added, removed): a key for caches of listings."""
+        snap = self._store.snapshot()
+        return snap.uid, snap.version
+
+    def has_paths(self, paths) -> list[bool]:
+        """Whether each path is stored, in its resolved form or as given (one round trip)."""
+        return [image_id is not None for image_id in self.ids_of_paths(paths)]
 
     @_redis_errors
     def matching(self, paths) -> list[str]:

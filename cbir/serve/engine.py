@@ -1,0 +1,450 @@
+"""The hot part of the service: extractors loaded once, databases kept open, requests embedded together.
+
+Threads: FastAPI runs each request in a worker thread. A ``Database`` is meant for one thread, so each open
+database has a lock, held only for its (millisecond) Redis and FAISS calls; the embedding, the slow part, runs
+outside it. Requests that arrive while the model is busy are embedded together in its next forward pass
+(``HotExtractor.embed``), which on a CPU serves many clients at once better than one pass each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cbir.database import Database, DatabaseError, list_databases
+from cbir.embedding import pick_device
+from cbir.errors import CbirError
+from cbir.models import create_extractor, load_extractor
+from cbir.naming import safe_name
+
+from .config import ServeConfig
+from .errors import BadInput, Conflict, NotFound, status_of
+
+log = logging.getLogger("cbir.serve")
+
+MAX_FORWARD = 64  # images per forward pass: bounds the memory one pass takes however many requests wait
+CYTOMINE_FOLDER = "_cytomine"  # uploads of the Cytomine-shaped routes, kept by the platform's file name
+UNLABELLED = "_unlabelled"
+
+
+@dataclass
+class Hit:
+    rank: int
+    id: int
+    distance: float
+    path: str
+    class_name: str
+
+
+@dataclass
+class Added:
+    id: int
+    path: str
+    class_name: str
+    new: bool  # False: the same file was stored already and is kept as it was
+
+
+class _Job:
+    __slots__ = ("batch", "vectors", "error", "done")
+
+    def __init__(self, batch: torch.Tensor):
+        self.batch, self.vectors, self.error, self.done = batch, None, None, False
+
+
+class HotExtractor:
+    """An extractor kept in memory with its transform and its description (whose fingerprint hashes every weight,
+    so it is computed once, not per request)."""
+
+    def __init__(self, extractor, weights: str | None):
+        self.device = pick_device()
+        self.extractor = extractor.to(self.device).eval()
+        self.transform = extractor.transform(train=False)
+        self.info = {**extractor.describe(), "weights": str(Path(weights).resolve()) if weights else None}
+        self._pending: list[_Job] = []
+        self._pending_lock = threading.Lock()
+        self._model_lock = threading.Lock()
+
+    def forward(self, inputs: torch.Tensor) -> np.ndarray:
+        """The one place the model runs (a backend other than PyTorch plugs in here)."""
+        with torch.inference_mode():
+            return self.extractor(inputs.to(self.device)).float().cpu().numpy()
+
+    def embed(self, images: list[Image.Image]) -> np.ndarray:
+        """L2-normalised vectors of RGB images, exactly as ``cbir-index`` computes them.
+
+        The caller's batch joins the queue; whoever holds the model next runs everything queued in one pass, so a
+        request that finds its vectors done when it gets the model returns at once.
+        """
+        job = _Job(torch.stack([self.transform(image) for image in images]))
+        with self._pending_lock:
+            self._pending.append(job)
+        with self._model_lock:
+            if not job.done:
+                with self._pending_lock:
+                    jobs, self._pending = self._pending, []
+                self._run(jobs)
+        if job.error is not None:
+            raise job.error
+        return job.vectors
+
+    def _run(self, jobs: list[_Job]) -> None:
+        try:
+            inputs = torch.cat([job.batch for job in jobs])
+            vectors = np.concatenate([self.forward(inputs[start:start + MAX_FORWARD])
+                                      for start in range(0, len(inputs), MAX_FORWARD)])
+            start = 0
+            for job in jobs:
+                job.vectors = vectors[start:start + len(job.batch)]
+                start += len(job.batch)
+        except Exception as error:  # noqa: BLE001 — handed to every waiting request, which raises it
+            for job in jobs:
+                job.error = error
+        finally:
+            for job in jobs:
+                job.done = True
+
+
+class Extractors:
+    """Every extractor the service uses, each loaded once: the operator's ``--weights`` for every database, or the
+    one each database records (the checkpoint it was built with)."""
+
+    def __init__(self, weights: str | None):
+        self.pinned = HotExtractor(load_extractor(weights), weights) if weights else None
+        self._loaded: dict[tuple, HotExtractor] = {}
+        self._lock = threading.Lock()
+
+    def for_recorded(self, recorded: dict) -> HotExtractor:
+        if self.pinned is not None:
+            return self.pinned
+        key = (recorded.get("weights"), recorded.get("fingerprint"))
+        with self._lock:
+            if key not in self._loaded:
+                weights = recorded.get("weights")
+                if weights:
+                    extractor = load_extractor(weights)
+                else:  # frozen ImageNet features, as cbir-index --extractor NAME --num_features 0 records them
+                    extractor = create_extractor(recorded["name"], 0, pretrained=True).eval()
+                hot = HotExtractor(extractor, weights)
+                if hot.info["fingerprint"] != recorded.get("fingerprint"):
+                    raise Conflict(f"the weights {weights or recorded.get('name')} changed since the database was "
+                                   "built with them; re-index it, or start cbir-serve with the right --weights")
+                self._loaded[key] = hot
+            return self._loaded[key]
+
+
+class _Handle:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.db: Database | None = None
+
+
+class DatabasePool:
+    """One open ``Database`` per name, each behind its own lock."""
+
+    def __init__(self, home, redis_url: str | None):
+        self.home, self.redis_url = home, redis_url
+        self._handles: dict[str, _Handle] = {}
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return list_databases(home=self.home, redis_url=self.redis_url)
+
+    @contextlib.contextmanager
+    def use(self, name: str, *, create: bool = False):
+        with self._lock:
+            handle = self._handles.setdefault(name, _Handle())
+        with handle.lock:
+            if handle.db is None:
+                handle.db = Database.open(name, home=self.home, redis_url=self.redis_url, create=create)
+            try:
+                yield handle.db
+            except DatabaseError as error:
+                if status_of(error) == 503:  # Redis went away: the next request opens (and restarts) it afresh
+                    self._discard(handle)
+                raise
+
+    def forget(self, name: str) -> None:
+        """After a drop, from inside ``use(name)`` (whose lock the caller holds)."""
+        self._handles[name].db = None
+
+    @staticmethod
+    def _discard(handle: _Handle) -> None:
+        db, handle.db = handle.db, None
+        if db is not None:
+            with contextlib.suppress(Exception):
+                db.close()
+
+    def close(self) -> None:
+        """Save every FAISS index and let go of Redis (the embedded servers stop with their last user)."""
+        with self._lock:
+            handles = list(self._handles.items())
+        for name, handle in handles:
+            with handle.lock:
+                db, handle.db = handle.db, None
+                if db is not None:
+                    try:
+                        db.close()
+                    except CbirError as error:
+                        log.warning("closing database '%s': %s", name, error)
+
+
+class RetrievalService:
+    """What the routes call: search, add, remove, describe — in terms of images, ids and class names."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.pool = DatabasePool(config.home, config.redis_url)
+        self.extractors = Extractors(config.weights)
+        self.default: HotExtractor | None = self.extractors.pinned
+        self._listings: dict[str, tuple] = {}
+        self._embedders: dict[str, tuple[str | None, HotExtractor]] = {}
+        self.started = False
+
+    # --- life ----------------------------------------------------------------------------------------------
+    def start(self) -> dict:
+        """Open the main database and load its extractor now, so the first request finds both hot."""
+        name = self.config.db_name
+        create = self.extractors.pinned is not None and name not in self.pool.names()
+        with self.pool.use(name, create=create) as db:
+            recorded = db.extractor
+            if recorded is not None:
+                self.default = self.extractors.for_recorded(recorded)
+                db.check_extractor(self.default.info)
+            elif self.default is None:
+                raise CbirError(f"database '{name}' holds no images yet and records no extractor; give --weights")
+            db.search(np.zeros((1, self.default.info["num_features"]), np.float32), 1)  # loads FAISS
+            images = len(db)
+        self.default.embed([Image.new("RGB", (64, 64), (128, 128, 128))])  # the first pass allocates; pay it now
+        self.started = True
+        return {"images": images, "extractor": self.default.info["name"]}
+
+    def close(self) -> None:
+        self.pool.close()
+
+    # --- reading -------------------------------------------------------------------------------------------
+    def _extractor_of(self, db: Database, *, writing: bool = False) -> HotExtractor:
+        recorded = db.extractor
+        if recorded is None:
+            if self.default is None:
+                raise Conflict(f"database '{db.name}' records no extractor; start cbir-serve with --weights")
+            hot = self.default
+        else:
+            hot = self.extractors.for_recorded(recorded)
+        (db.set_extractor if writing and recorded is None else db.check_extractor)(hot.info)
+        return hot
+
+    def embedder(self, name: str) -> HotExtractor:
+        """The extractor whose vectors database ``name`` holds. A database records its extractor once per generation
+        (emptying it starts a new one), so the answer is kept until the generation changes: one Redis round trip."""
+        with self.pool.use(name) as db:
+            uid, _ = db.generation
+            known = self._embedders.get(name)
+            if known is not None and known[0] == uid:
+                return known[1]
+            hot = self._extractor_of(db)
+            if db.extractor is not None:  # an empty database may still get another extractor's vectors
+                self._embedders[name] = (uid, hot)
+            return hot
+
+    def search(self, name: str, images: list[Image.Image], k: int, *, nprobe: int | None = None) -> list[list[Hit]]:
+        """The ``k`` nearest stored images of each query image, nearest first."""
+        return self.search_vectors(name, self.embedder(name).embed(images), k, nprobe=nprobe)
+
+    def search_vectors(self, name: str, vectors: np.ndarray, k: int, *, nprobe: int | None = None) -> list[list[Hit]]:
+        with self.pool.use(name) as db:
+            found = db.search(vectors, k, nprobe=nprobe)
+        results = []
+        for ids, distances, paths, classes in zip(found.ids, found.distances, found.paths, found.classes):
+            kept = ids >= 0
+            results.append([Hit(rank + 1, int(i), float(d), p, c) for rank, (i, d, p, c)
+                            in enumerate(zip(ids[kept], distances[kept], paths, classes))])
+        return results
+
+    def search_many(self, names: list[str], image: Image.Image, k: int) -> list[tuple[str, Hit]]:
+        """One query over several databases, merged by distance (each embedded once per distinct extractor)."""
+        embedded: dict[int, np.ndarray] = {}
+        merged = []
+        for name in dict.fromkeys(names):
+            hot = self.embedder(name)
+            if id(hot) not in embedded:
+                embedded[id(hot)] = hot.embed([image])
+            merged += [(name, hit) for hit in self.search_vectors(name, embedded[id(hot)], k)[0]]
+        merged.sort(key=lambda pair: pair[1].distance)
+        return merged[:k]
+
+    def entry(self, name: str, image_id: int) -> tuple[str, str]:
+        """(path, class) of a stored image."""
+        with self.pool.use(name) as db:
+            found = db.lookup([image_id])[0]
+        if found is None:
+            raise NotFound(f"database '{name}' has no image with id {image_id}")
+        return found
+
+    def items(self, name: str) -> list[tuple[int, str, str]]:
+        """Every (id, path, class), sorted by id; re-read only when the database changed."""
+        with self.pool.use(name) as db:
+            generation = db.generation
+            cached = self._listings.get(name)
+            if cached is None or cached[0] != generation:
+                cached = (generation, db.items())
+                self._listings[name] = cached
+        return cached[1]
+
+    def count(self, name: str) -> int:
+        with self.pool.use(name) as db:
+            return len(db)
+
+    def info(self, name: str) -> dict:
+        with self.pool.use(name) as db:
+            info = db.info()
+        info["classes"] = dict(sorted(Counter(c for _, _, c in self.items(name)).items()))
+        return info
+
+    # --- writing -------------------------------------------------------------------------------------------
+    def uploads_folder(self, db: Database) -> Path:
+        return (Path(self.config.uploads) / db.name) if self.config.uploads else db.folder / "uploads"
+
+    def add(self, name: str, uploads: list[tuple[Image.Image, bytes, str]], label: str, *,
+            cytomine: bool = False) -> list[Added]:
+        """Store uploaded images with their class: the file (private to the server's user), then the database.
+
+        Native uploads are kept as ``<class>/<content hash>_<file name>``, so sending the same file again stores
+        nothing twice; the Cytomine-shaped route keeps the platform's file name, its key for removal.
+        A failure on the way removes the files it wrote that the database did not take.
+        """
+        with self.pool.use(name) as db:
+            hot = self._extractor_of(db, writing=True)
+        vectors = hot.embed([image for image, _, _ in uploads])
+        with self.pool.use(name) as db:
+            folder = self.uploads_folder(db)
+            if cytomine:
+                paths = [folder / CYTOMINE_FOLDER / filename for _, _, filename in uploads]
+            else:
+                paths = [folder / (safe_name(label) if label else UNLABELLED) /
+                         f"{hashlib.sha256(data).hexdigest()[:12]}_{safe_name(filename)}"
+                         for _, data, filename in uploads]
+            existing = db.ids_of_paths([str(p) for p in paths])
+            if cytomine and existing[0] is not None:
+                raise Conflict(f"'{uploads[0][2]}' is already in storage '{name}'; remove it first")
+            new = [i for i, image_id in enumerate(existing) if image_id is None]
+            written: list[Path] = []
+            try:
+                for i in new:
+                    _write_private(paths[i], uploads[i][1], root=folder)
+                    written.append(paths[i])
+                ids = db.add([str(paths[i]) for i in new], [label] * len(new), vectors[new]) if new else []
+            except BaseException:
+                _keep_only_stored(db, written)
+                raise
+        fresh = dict(zip(new, ids))
+        return [Added(fresh.get(i, existing[i]), str(p), label, i in fresh) for i, p in enumerate(paths)]
+
+    def remove(self, name: str, image_ids: list[int]) -> list[int]:
+        """Remove stored images by id; a file the server itself stored is deleted too, a user's indexed file never."""
+        with self.pool.use(name) as db:
+            entries = db.lookup(image_ids)
+            missing = [i for i, entry in zip(image_ids, entries) if entry is None]
+            if missing:
+                raise NotFound(f"database '{name}' has no image with id {', '.join(map(str, missing))}")
+            paths = [path for path, _ in entries]
+            db.remove(paths)
+            folder = self.uploads_folder(db)
+            for path in paths:
+                if _inside(path, folder):
+                    Path(path).unlink(missing_ok=True)
+        return image_ids
+
+    def remove_cytomine(self, name: str, filename: str) -> int:
+        with self.pool.use(name) as db:
+            path = self.uploads_folder(db) / CYTOMINE_FOLDER / filename
+            image_id = db.ids_of_paths([str(path)])[0]
+        if image_id is None:
+            raise NotFound(f"{filename} not found in storage '{name}'")
+        self.remove(name, [image_id])
+        return image_id
+
+    def create(self, name: str) -> None:
+        if name in self.pool.names():
+            raise Conflict(f"database '{name}' already exists")
+        with self.pool.use(name, create=True):
+            pass
+
+    def drop(self, name: str) -> None:
+        """Delete a database: its images, its index, and the files the server stored for it."""
+        with self.pool.use(name) as db:
+            folder = self.uploads_folder(db)
+            db.drop()
+            self.pool.forget(name)
+        self._listings.pop(name, None)
+        if self.config.uploads and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def check_filename(filename: str | None) -> str:
+    """A client's file name usable as one path component, or one clear error (never a path: no separators)."""
+    if not filename or not filename.strip():
+        raise BadInput("the upload has no file name")
+    if "/" in filename or "\\" in filename or "\0" in filename or filename.startswith(".") or \
+            len(filename.encode("utf-8", "surrogateescape")) > 200:
+        raise BadInput(f"file name {filename!r} must be one name: no '/', '\\' or leading '.', at most 200 bytes")
+    return filename
+
+
+def _inside(path: str, folder: Path) -> bool:
+    try:
+        return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
+    except (OSError, ValueError):
+        return False
+
+
+def _private_folder(folder: Path, root: Path) -> None:
+    """Make ``folder`` and every folder from ``root`` down to it, each open to the server's user only."""
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o700)
+    current = root
+    for part in folder.relative_to(root).parts:
+        current = current / part
+        current.mkdir(exist_ok=True)
+        os.chmod(current, 0o700)
+
+
+def _write_private(path: Path, data: bytes, *, root: Path) -> None:
+    """Write ``data`` to ``path`` atomically, mode 0600, never through a symbolic link."""
+    _private_folder(path.parent, root)
+    tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _keep_only_stored(db: Database, written: list[Path]) -> None:
+    """After a failed add: delete the files the database did not take (when it cannot tell, keep them all: a stray
+    file costs disk, a missing one would lose an image)."""
+    if not written:
+        return
+    try:
+        stored = db.has_paths([str(p) for p in written])
+    except CbirError:
+        return
+    for path, kept in zip(written, stored):
+        if not kept:
+            path.unlink(missing_ok=True)

@@ -1,0 +1,102 @@
+"""Images in and out: uploads decoded under limits, stored images served by id, thumbnails."""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import stat
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from cbir.data import UnreadableImage, load_image
+
+from .config import Limits
+from .errors import BadInput, NotFound, TooLarge
+
+# What a browser shows as it is; anything else (TIFF, 16-bit PNG...) is sent re-encoded as PNG.
+BROWSER_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp",
+                   "BMP": "image/bmp"}
+THUMBNAIL_PX = 256
+
+
+def decode_upload(data: bytes, filename: str, limits: Limits) -> Image.Image:
+    """An uploaded file as 8-bit RGB, or one clear 4xx error: empty, not an image, truncated, too large, too small.
+
+    The pixel count is checked on the header, before anything is decoded, so a decompression bomb (a small file that
+    expands to gigabytes) is refused without being expanded.
+    """
+    name = filename or "upload"
+    if not data:
+        raise BadInput(f"'{name}' is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            width, height = header.size
+    except Image.DecompressionBombError:
+        raise TooLarge(f"'{name}' has more pixels than Pillow's decompression-bomb guard allows") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise BadInput(f"'{name}' is not an image (JPEG, PNG, TIFF, BMP, GIF or WebP expected)") from None
+    if width * height > limits.max_pixels:
+        raise TooLarge(f"'{name}' is {width}x{height} pixels, over this server's limit of "
+                       f"{limits.max_pixels:,} pixels")
+    if min(width, height) < limits.min_side:
+        raise BadInput(f"'{name}' is {width}x{height} pixels; the smallest image accepted is "
+                       f"{limits.min_side}x{limits.min_side}")
+    try:
+        return load_image(io.BytesIO(data))
+    except UnreadableImage:
+        raise BadInput(f"'{name}' is damaged or truncated: it cannot be decoded") from None
+
+
+def _regular_file(path: str) -> os.stat_result:
+    try:
+        info = os.stat(path)
+    except OSError:
+        raise NotFound("the image file of this entry is no longer on disk") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise NotFound("the image file of this entry is no longer on disk")
+    return info
+
+
+def stored_image(path: str) -> tuple[bytes, str]:
+    """(bytes, media type) of a stored image, for a browser.
+
+    Only a file Pillow recognises as an image is ever sent: the path comes from the database, and a database entry
+    whose file was replaced by something else must not turn into a way to read that file.
+    """
+    _regular_file(path)
+    try:
+        with Image.open(path) as image:
+            kind = image.format
+            usable = kind in BROWSER_FORMATS and image.mode in ("RGB", "RGBA", "L", "LA", "P", "1")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise NotFound("the file of this entry is not a readable image any more") from None
+    if usable:
+        return Path(path).read_bytes(), BROWSER_FORMATS[kind]
+    try:
+        return _encode(load_image(path), "PNG"), "image/png"
+    except UnreadableImage:
+        raise NotFound("the file of this entry is not a readable image any more") from None
+
+
+def thumbnail(path: str) -> bytes:
+    """A JPEG of at most 256 px a side (cached; a file changed on disk gets a new one)."""
+    info = _regular_file(path)
+    return _thumbnail(path, info.st_mtime_ns, info.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _thumbnail(path: str, _mtime_ns: int, _size: int) -> bytes:
+    try:
+        image = load_image(path)
+    except UnreadableImage:
+        raise NotFound("the file of this entry is not a readable image any more") from None
+    image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    return _encode(image, "JPEG")
+
+
+def _encode(image: Image.Image, kind: str) -> bytes:
+    out = io.BytesIO()
+    image.save(out, kind, **({"quality": 85} if kind == "JPEG" else {}))
+    return out.getvalue()
