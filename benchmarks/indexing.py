@@ -42,7 +42,7 @@ def main() -> None:
 
     from cbir.data import list_images, load_image
     from cbir.database import Database
-    from cbir.embedding import default_workers
+    from cbir.data import default_workers
     from cbir.indexing import index_images
     from cbir.models import create_extractor
     from cbir.synthetic import CLASSES, make_dataset

@@ -31,7 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from cbir.embedding import embed, embedding_search
 from cbir.errors import CbirError
+from cbir.evaluation import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -123,27 +125,18 @@ def train_head(features: np.ndarray, labels: list[str], *, num_epochs: int = 30,
 
 def head_search_function(extractor, head: ClassifierHead, k: int = 5, *, batch_size: int = 32,
                          num_workers: int | None = None):
-    """``search(paths)`` for :func:`cbir.evaluation.evaluate`: the ``k`` classes of highest logit as the results.
+    """``search(paths)`` for :func:`cbir.evaluation.evaluate`: the ``k`` classes of highest logit as the results
+    (see :func:`cbir.embedding.embedding_search`; ``search`` times the head).
 
     Each "result" is named ``<predicted class N>`` (never a real path, so it is never taken for the query itself).
     An unreadable query gets no result and counts as a miss.
     """
-    from cbir.data import Sample
-    from cbir.embedding import embed
 
-    def search(paths: list[str]):
-        embedded = embed(extractor, [Sample(p, "") for p in paths], batch_size=batch_size, num_workers=num_workers)
-        start = time.perf_counter()
-        predicted = head.predict(embedded.vectors, k) if embedded.samples else []
-        seconds_head = time.perf_counter() - start
-        by_path = {s.path: i for i, s in enumerate(embedded.samples)}
-        classes = [predicted[by_path[p]] if p in by_path else [] for p in paths]
-        result_paths = [[f"<predicted class {rank + 1}>" for rank in range(len(row))] for row in classes]
-        timings = {"model": embedded.seconds_model, "transfer": embedded.seconds_total - embedded.seconds_model,
-                   "search": seconds_head}
-        return result_paths, classes, timings
+    def predict(vectors):
+        classes = head.predict(vectors, k)
+        return [[f"<predicted class {rank + 1}>" for rank in range(len(row))] for row in classes], classes
 
-    return search
+    return embedding_search(extractor, predict, batch_size=batch_size, num_workers=num_workers)
 
 
 @dataclass
@@ -190,9 +183,6 @@ def classification_accuracy(extractor, train_samples, query_samples, *, measure:
     ``evaluate_kwargs`` go to :func:`cbir.evaluation.evaluate` (``maps``, ``repeats``, ``max_queries``,
     ``remove_classes``, ``project_name``, ``class_name``, ``bootstrap``...).
     """
-    from cbir.embedding import embed
-    from cbir.evaluation import evaluate
-
     n_classes = len({s.class_name for s in train_samples})
     if n_classes < 2:  # said before any image is embedded
         raise CbirError(f"a classifier needs at least two classes in the training data, got {n_classes}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,16 @@ def list_images(path: str | Path) -> list[Sample]:
     if not samples:
         raise CbirError(f"no images found in {path}")
     return samples
+
+
+def default_workers() -> int:
+    """DataLoader worker processes beside a model: one core is left to the model; the workers only decode."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def decoding_threads() -> int:
+    """Threads that only decode and resize (no model beside them): every core, at most four."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def _to_8bit_rgb(image: Image.Image) -> Image.Image:
@@ -203,7 +214,7 @@ class ClassBalancedBatches(torch.utils.data.Sampler):
         return self.num_batches
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         classes = list(self.by_class)
         for _ in range(self.num_batches):
             batch = []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -11,12 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cbir.data import ImageDataset, Sample, collate_skipping
-
-
-def default_workers() -> int:
-    # One core is left to the model; the workers only decode and resize.
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+from cbir.data import ImageDataset, Sample, collate_skipping, default_workers
 
 
 def pick_device(gpu_id: int | None = None) -> torch.device:
@@ -56,6 +50,28 @@ def iter_embeddings(extractor, samples: list[Sample], *, batch_size: int = 32, n
             start = time.perf_counter()
             vectors = extractor(images.to(device, non_blocking=True)).float().cpu().numpy()
             yield [samples[i] for i in indices.tolist()], vectors, time.perf_counter() - start
+
+
+def embedding_search(extractor, answer, *, batch_size: int = 32, num_workers: int | None = None):
+    """``search(paths) -> (result paths, result classes, timings)``, the shape :func:`cbir.evaluation.evaluate`
+    calls: the queries are embedded, then ``answer(vectors) -> (paths per row, classes per row)`` answers them.
+
+    Timings per batch: ``model`` (forward passes), ``transfer`` (decoding, resizing and moving images: the rest of
+    embedding), ``search`` (the answer). An unreadable query gets no results and so counts as a miss.
+    """
+
+    def search(paths: list[str]):
+        embedded = embed(extractor, [Sample(p, "") for p in paths], batch_size=batch_size, num_workers=num_workers)
+        start = time.perf_counter()
+        found_paths, found_classes = answer(embedded.vectors) if embedded.samples else ([], [])
+        seconds_search = time.perf_counter() - start
+        row = {s.path: i for i, s in enumerate(embedded.samples)}
+        timings = {"model": embedded.seconds_model, "transfer": embedded.seconds_total - embedded.seconds_model,
+                   "search": seconds_search}
+        return ([found_paths[row[p]] if p in row else [] for p in paths],
+                [found_classes[row[p]] if p in row else [] for p in paths], timings)
+
+    return search
 
 
 def embed(extractor, samples: list[Sample], **kwargs) -> Embeddings:

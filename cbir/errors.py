@@ -4,20 +4,16 @@ from __future__ import annotations
 
 
 class CbirError(Exception):
-    """A problem with the user's input or environment (missing file, wrong model, server down), not a bug."""
+    """A problem with the user's input or environment (missing file, wrong model, server down), not a bug.
 
-
-class ParameterError(CbirError, ValueError):
-    """A bad value of one or more named parameters.
-
-    The library words it with parameter names (``batch_size must be at least 1, got 0``); a command, whose flags
-    carry the same names, words it with its flags (``--batch_size must be ...``) through :meth:`worded`. The
-    message marks each name of ``parameters`` as ``{name}`` (plain replacement, not ``str.format``: the rest of
-    the message may quote user text holding braces).
+    A message may name parameters, marked ``{name}`` and listed in ``parameters``: the library words them as
+    parameter names (``batch_size must be at least 1``); a command, whose flags carry the same names, words them as
+    its flags through :meth:`worded` (``--batch_size must be ...``). The marks are replaced, not ``str.format``ted:
+    the rest of the message may quote user text holding braces.
     """
 
-    def __init__(self, message: str, *parameters: str):
-        self.message = message
+    def __init__(self, message: str = "", *parameters: str):
+        self.message = str(message)
         self.parameters = parameters
         super().__init__(self.worded(lambda name: name))
 
@@ -26,6 +22,10 @@ class ParameterError(CbirError, ValueError):
         for name in self.parameters:
             text = text.replace("{" + name + "}", flag_of(name))
         return text
+
+
+class ParameterError(CbirError, ValueError):
+    """A bad value of one or more named parameters (a ``ValueError`` to library callers)."""
 
 
 def check_at_least(name: str, value, least) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 from tqdm import tqdm
 
 from cbir.data import Sample
 from cbir.embedding import iter_embeddings
+from cbir.errors import CbirError
 from cbir.naming import printable
 
 
@@ -33,27 +35,39 @@ class IndexSummary:
 
 
 def index_images(extractor, database, samples: list[Sample], *, batch_size: int = 32, num_workers: int | None = None,
-                 device=None, progress: bool = True, chunk: int = 512) -> IndexSummary:
-    """Add ``samples`` not yet in ``database``; re-running after an interruption adds only what is missing."""
+                 device=None, progress: bool = True, chunk: int = 512, rewrite: bool = False,
+                 extractor_info: dict | None = None) -> IndexSummary:
+    """Add ``samples`` not yet in ``database``; re-running after an interruption adds only what is missing.
+
+    ``rewrite``: replace the database's contents by ``samples``. Nothing is changed before vectors are ready:
+    the database is emptied just before the first chunk is written, so when none of the images can be read it is
+    left as it was (and a :class:`CbirError` says so). ``extractor_info`` is what the database records about the
+    extractor (default: ``extractor.describe()``); vectors of another extractor are refused before any work.
+    """
     start = time.perf_counter()
-    summary = IndexSummary()
-    present = database.has_paths([s.path for s in samples])
-    todo = [s for s, stored in zip(samples, present) if not stored]
-    summary.already_stored = len(samples) - len(todo)
+    info = extractor_info or extractor.describe()
+    if rewrite:
+        todo = list(samples)
+    else:
+        database.set_extractor(info)
+        todo = [s for s, stored in zip(samples, database.has_paths([s.path for s in samples])) if not stored]
+    summary = IndexSummary(already_stored=len(samples) - len(todo))
     bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress)
     stored: set[Sample] = set()
     pending_samples, pending_vectors = [], []
 
     def flush():
-        if pending_samples:
-            import numpy as np
-
-            database.add([s.path for s in pending_samples], [s.class_name for s in pending_samples],
-                         np.concatenate(pending_vectors))
-            summary.added += len(pending_samples)
-            stored.update(pending_samples)
-            pending_samples.clear()
-            pending_vectors.clear()
+        if not pending_samples:
+            return
+        if rewrite and not summary.added:
+            database.clear()
+            database.set_extractor(info)
+        database.add([s.path for s in pending_samples], [s.class_name for s in pending_samples],
+                     np.concatenate(pending_vectors))
+        summary.added += len(pending_samples)
+        stored.update(pending_samples)
+        pending_samples.clear()
+        pending_vectors.clear()
 
     for batch_samples, vectors, seconds in iter_embeddings(extractor, todo, batch_size=batch_size,
                                                            num_workers=num_workers, device=device):
@@ -68,4 +82,7 @@ def index_images(extractor, database, samples: list[Sample], *, batch_size: int 
     bar.close()
     summary.skipped = [s for s in todo if s not in stored]
     summary.seconds = time.perf_counter() - start
+    if todo and not summary.added:
+        raise CbirError(f"none of the {len(todo)} images could be read; database '{database.name}' is left as it "
+                        f"was (first unreadable: {todo[0].path})")
     return summary

@@ -30,7 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure  # no pyplot: no global figure state
+from sklearn.cluster import MiniBatchKMeans
+from sklearn.metrics import adjusted_rand_score, silhouette_score
+from sklearn.metrics.cluster import contingency_matrix
 
+from cbir.data import UnreadableImage, decoding_threads, load_image
+from cbir.embedding import embed
 from cbir.errors import CbirError, ParameterError
 from cbir.files import atomic_path, write_text_atomically
 from cbir.labels import LABELS_FILE, read_cluster_labels, save_cluster_labels
@@ -87,8 +93,6 @@ def embeddings_from_database(db) -> ClusterInput:
 def embeddings_from_folder(extractor, samples, *, batch_size: int = 32, num_workers: int | None = None,
                            source: str = "") -> ClusterInput:
     """Embed ``samples`` (from :func:`cbir.data.list_images`); paths become absolute label keys."""
-    from cbir.embedding import embed
-
     embedded = embed(extractor, samples, batch_size=batch_size, num_workers=num_workers)
     if not embedded.samples:
         raise CbirError(f"none of the {len(samples)} images could be read")
@@ -102,8 +106,6 @@ def embeddings_from_folder(extractor, samples, *, batch_size: int = 32, num_work
 def pixels_of(samples, pixel_size: int = 224, *, absolute: bool = True, workers: int | None = None,
               source: str = "") -> ClusterInput:
     """Every image resized to ``pixel_size``² RGB, flattened (as the thesis did), scaled to [0, 1]."""
-    from cbir.data import UnreadableImage, load_image
-
     if int(pixel_size) < 1:
         raise CbirError(f"--pixel_size must be at least 1, got {pixel_size}")
     size = int(pixel_size)
@@ -125,7 +127,7 @@ def pixels_of(samples, pixel_size: int = 224, *, absolute: bool = True, workers:
         readable[i] = True
 
     # Decoding and resizing release the GIL; threads keep the rows in place without copies.
-    with ThreadPoolExecutor(max_workers=workers or max(1, min(4, os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(max_workers=workers or decoding_threads()) as pool:
         list(pool.map(load, range(len(samples))))
     if not readable.any():
         raise CbirError(f"none of the {len(samples)} images could be read")
@@ -157,8 +159,6 @@ def assign(data: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, float]:
 def fit_kmeans(data: np.ndarray, n_clusters: int = 10, *, seed: int = 0, batch_size: int = 1024
                ) -> tuple[np.ndarray, np.ndarray, float]:
     """MiniBatchKMeans (k-means++, seeded): (centres, labels, inertia)."""
-    from sklearn.cluster import MiniBatchKMeans
-
     n = len(data)
     if int(n_clusters) < 2:
         raise CbirError(f"--n_clusters must be at least 2, got {n_clusters}")
@@ -174,8 +174,6 @@ def fit_kmeans(data: np.ndarray, n_clusters: int = 10, *, seed: int = 0, batch_s
 
 def silhouette(data: np.ndarray, labels: np.ndarray, *, seed: int = 0, sample_size: int = 2000) -> float:
     """Mean silhouette (Euclidean) over a seeded sample of at most ``sample_size`` rows; NaN when undefined."""
-    from sklearn.metrics import silhouette_score
-
     labels = np.asarray(labels)
     n = len(labels)
     if n > sample_size:
@@ -223,8 +221,6 @@ def elbow_sweep(data: np.ndarray, ks: list[int], *, seed: int = 0, batch_size: i
 
 
 def _plot(rows: list[dict], key: str, ylabel: str, title: str, path: Path, chosen: int | None) -> Path:
-    from matplotlib.figure import Figure  # no pyplot: no global figure state
-
     figure = Figure(figsize=(6, 4))
     axes = figure.add_subplot()
     ks = [r["k"] for r in rows]
@@ -374,9 +370,6 @@ class KMeansRun:
 
 
 def _agreement(classes: list[str], labels: np.ndarray) -> dict[str, float] | None:
-    from sklearn.metrics import adjusted_rand_score
-    from sklearn.metrics.cluster import contingency_matrix
-
     if len(set(classes)) < 2:
         return None
     # Purity: each cluster counts the images of its most common class.
@@ -389,7 +382,8 @@ def run_kmeans(inputs: ClusterInput | None, out_dir: str | Path, *, n_clusters: 
                batch_size: int = 1024) -> KMeansRun:
     """Fit (or reuse, see ``load``) the clusters of ``inputs`` and write the model, labels and figures."""
     if load not in LOAD_MODES:
-        raise ParameterError(f"{{load}} must be 'complete' or 'partial' (or left out to fit anew), got {load!r}", "load")
+        raise ParameterError(f"{{load}} must be 'complete' or 'partial' (or left out to fit anew), got {load!r}",
+                             "load")
     out_dir = Path(out_dir)
     labels_path = out_dir / LABELS_FILE
 

@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
+
 from cbir.errors import CbirError, ParameterError
 from cbir.files import write_text_atomically
 
 __all__ = [
-    "project_of", "LevelMaps",
+    "project_of", "LevelMaps", "balanced_rounds",
     "LABELS_FILE", "save_cluster_labels", "read_cluster_labels", "PathLookup", "clusters_for",
     "GENERALISE_MODES", "SPLITS", "read_split_file", "split_halves", "classes_for", "restrict_samples",
     "check_generalise",
@@ -134,6 +136,35 @@ def _read_rows(path: str | os.PathLike, what: str) -> list[tuple[int, list[str]]
     return rows
 
 
+# ------------------------------------------------------------------------------------- per-class draws
+
+def balanced_rounds(classes: Sequence[str], indices: Sequence[int] | None = None, *, seed: int = 0,
+                    limit: int | None = None, rounds: int | None = None) -> list[int]:
+    """Indices drawn round-robin over the classes: one unused random member of each class per round, whole rounds,
+    until more than ``limit`` are drawn, ``rounds`` rounds are done, or the classes run out; in draw order.
+
+    ``classes[i]`` is the class of item ``i``; ``indices`` (default: all) are the items to draw from. Small classes
+    keep their share: a plain random sample would drown them in the big ones.
+
+    Shuffling each class once and taking one element per round is the same draw as picking an unused member at
+    random every round; sorting the classes makes the draw independent of the order the members came in.
+    """
+    rng = np.random.default_rng(seed)
+    by_class: dict[str, list[int]] = {}
+    for i in range(len(classes)) if indices is None else indices:
+        by_class.setdefault(classes[i], []).append(i)
+    order = {c: rng.permutation(by_class[c]) for c in sorted(by_class)}
+    chosen: list[int] = []
+    rank = 0
+    while (limit is None or len(chosen) <= limit) and (rounds is None or rank < rounds):
+        picked = [int(order[c][rank]) for c in order if len(order[c]) > rank]
+        if not picked:
+            break
+        chosen.extend(picked)
+        rank += 1
+    return chosen
+
+
 # ------------------------------------------------------------------------------------------- clusters
 
 #: The file name ``cbir-kmeans`` gives its labels inside its output folder.
@@ -222,8 +253,8 @@ def check_generalise(mode: int, *, cluster_labels: Any = None, split_file: Any =
     """The ``generalise`` mode and the inputs it takes: labels with mode 3 only, a split file with 1 or 2 only."""
     _check_mode(mode)
     if mode == 3 and not cluster_labels:
-        raise ParameterError("{generalise} 3 replaces classes by k-means clusters: give {cluster_labels} (from cbir-kmeans)",
-                             "generalise", "cluster_labels")
+        raise ParameterError("{generalise} 3 replaces classes by k-means clusters: give {cluster_labels} (from "
+                             "cbir-kmeans)", "generalise", "cluster_labels")
     if cluster_labels and mode != 3:
         raise ParameterError("{cluster_labels} is used with {generalise} 3 only", "cluster_labels", "generalise")
     if split_file and mode not in (1, 2):
@@ -307,8 +338,8 @@ def classes_for(split: str, all_classes: list[str], mode: int, *, seed: int = 0,
     if not chosen:
         where = f"split file {split_file}" if split_file else "the split"
         side = "train" if split == "train" else "index/query"
-        raise ParameterError(f"{{generalise}} {mode} leaves no {side} class among the {len(classes)} classes of the data "
-                             f"({where}); check that the file names classes of this data set", "generalise")
+        raise ParameterError(f"{{generalise}} {mode} leaves no {side} class among the {len(classes)} classes of the "
+                             f"data ({where}); check that the file names classes of this data set", "generalise")
     return chosen
 
 

@@ -1,15 +1,18 @@
-"""Every figure the toolkit draws (matplotlib, Agg backend: no screen needed)."""
+"""The figures of the main workflow: the training loss curve and the retrieval figure, and the name wrapping
+every figure shares. The other analyses draw their own figures beside their numbers (k-means: elbow and silhouette;
+t-SNE; the data-set figures; evaluation's confusion matrices).
+
+matplotlib's object API throughout (``Figure``, never pyplot): no backend to choose, no screen needed, and no
+global figure state between calls.
+"""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 HIT_COLOUR = "#1a9641"
 MISS_COLOUR = "#d7191c"
@@ -29,7 +32,8 @@ def plot_loss_curve(history: list[dict], path: str | Path) -> Path:
     path = Path(path)
     epochs = [row["epoch"] for row in history]
     losses = [_number(row.get("loss")) for row in history]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
     lines = ax.plot(epochs, losses, marker="o", color="tab:blue", label="training loss")
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss", color="tab:blue")
@@ -62,7 +66,6 @@ def plot_loss_curve(history: list[dict], path: str | Path) -> Path:
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -115,7 +118,8 @@ def plot_retrieval(query_image, query_class: str, neighbours: list[tuple], path,
     # Long names get a smaller font and are wrapped, so that neighbouring titles never run into each other.
     fontsize = 10 if longest <= 24 else 9 if longest <= 40 else 8
     width_chars = int(2.3 * 72 / (fontsize * 0.6))  # characters that fit above one image
-    fig, axes = plt.subplots(rows, columns, figsize=(2.7 * columns, 3.1 * rows), squeeze=False)
+    fig = Figure(figsize=(2.7 * columns, 3.1 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     axes[0][0].imshow(query_image)
@@ -150,5 +154,4 @@ def plot_retrieval(query_image, query_class: str, neighbours: list[tuple], path,
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90, format="png")
-    plt.close(fig)
     return path

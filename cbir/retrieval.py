@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import io
 import os
-import random
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cbir.data import IMAGE_EXTENSIONS, Sample, UnreadableImage, load_image
-from cbir.embedding import embed
+from cbir.embedding import embed, embedding_search
+from cbir.files import open_folder, write_file
+from cbir.labels import balanced_rounds
 from cbir.naming import NAME_MAX, result_name, safe_name
 from cbir.plots import plot_retrieval
-from cbir.files import open_folder, write_file
 
 
 @dataclass
@@ -128,34 +128,17 @@ def save_retrieval(retrieval: Retrieval, results_dir: str | Path, *, per_class: 
 
 
 def one_query_per_class(samples: list[Sample], seed: int = 0) -> list[Sample]:
-    """The folder form of retrieval: one random image of each class."""
-    rng = random.Random(seed)
-    by_class: dict[str, list[Sample]] = {}
-    for sample in samples:
-        by_class.setdefault(sample.class_name, []).append(sample)
-    return [rng.choice(members) for _, members in sorted(by_class.items())]
+    """The folder form of retrieval: one random image of each class, in class order."""
+    return [samples[i] for i in balanced_rounds([s.class_name for s in samples], seed=seed, rounds=1)]
 
 
 def search_function(extractor, database, k: int, *, nprobe=None, batch_size=32, num_workers=None):
-    """``search(paths) -> (result paths, result classes, timings)``, the shape :func:`cbir.evaluation.evaluate` calls.
-
-    Timings per batch: ``model`` (forward passes), ``transfer`` (decoding, resizing and moving images: the rest of
-    embedding), ``search`` (the database). An unreadable query gets no results and so counts as a miss.
-    """
-    import time
-
+    """``search(paths)`` for :func:`cbir.evaluation.evaluate`: the ``k`` nearest stored images of each query (see
+    :func:`cbir.embedding.embedding_search`)."""
     database.check_extractor(extractor.describe())
 
-    def search(paths: list[str]):
-        embedded = embed(extractor, [Sample(p, "") for p in paths], batch_size=batch_size, num_workers=num_workers)
-        start = time.perf_counter()
-        found = database.search(embedded.vectors, k, nprobe=nprobe) if embedded.samples else None
-        seconds_search = time.perf_counter() - start
-        by_path = {s.path: i for i, s in enumerate(embedded.samples)}
-        result_paths = [found.paths[by_path[p]] if p in by_path else [] for p in paths]
-        result_classes = [found.classes[by_path[p]] if p in by_path else [] for p in paths]
-        timings = {"model": embedded.seconds_model, "transfer": embedded.seconds_total - embedded.seconds_model,
-                   "search": seconds_search}
-        return result_paths, result_classes, timings
+    def nearest(vectors):
+        found = database.search(vectors, k, nprobe=nprobe)
+        return found.paths, found.classes
 
-    return search
+    return embedding_search(extractor, nearest, batch_size=batch_size, num_workers=num_workers)

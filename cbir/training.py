@@ -43,8 +43,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cbir.data import (ClassBalancedBatches, EpochBatches, Sample, ShuffledBatches, TrainingImages,
-                       collate_skipping, epoch_seed, list_samples)
-from cbir.embedding import default_workers, embed, pick_device
+                       collate_skipping, default_workers, epoch_seed, list_samples)
+from cbir.embedding import embed, pick_device
 from cbir.errors import CbirError, ParameterError, check_at_least
 from cbir.files import check_input_file, check_output_file
 from cbir.labels import PathLookup, check_generalise, classes_for, read_cluster_labels

@@ -6,10 +6,13 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+from matplotlib.figure import Figure  # no pyplot: no global figure state
+from sklearn.manifold import TSNE
 
 from cbir.errors import CbirError
-from cbir.labels import clusters_for
+from cbir.labels import balanced_rounds, clusters_for
 
 log = logging.getLogger("cbir")
 
@@ -42,29 +45,16 @@ class TsneMap:
 
 
 def balanced_sample(classes: list[str], max_points: int | None, seed: int = 0) -> np.ndarray:
-    """Indices of at most ``max_points`` items, taken round-robin over the classes so that small classes stay
-    visible on the map (a plain random sample would drown them in the big ones). Sorted; all when under the cap."""
-    n = len(classes)
-    if not max_points or n <= max_points:
-        return np.arange(n)
-    rng = np.random.default_rng(seed)
-    by_class: dict[str, list[int]] = {}
-    for i, cls in enumerate(classes):
-        by_class.setdefault(cls, []).append(i)
-    queues = [list(rng.permutation(members)) for _, members in sorted(by_class.items())]
-    chosen: list[int] = []
-    while len(chosen) < max_points:
-        for queue in queues:
-            if queue and len(chosen) < max_points:
-                chosen.append(int(queue.pop()))
-    return np.sort(np.array(chosen, dtype=np.int64))
+    """Indices of at most ``max_points`` items, round-robin over the classes (see :func:`cbir.labels.balanced_rounds`)
+    so that small classes stay visible on the map. Sorted; all when under the cap."""
+    if not max_points or len(classes) <= max_points:
+        return np.arange(len(classes))
+    return np.sort(np.array(balanced_rounds(classes, seed=seed, limit=max_points)[:max_points], dtype=np.int64))
 
 
 def embed_2d(vectors: np.ndarray, *, perplexity: float = 30.0, seed: int = 0) -> tuple[np.ndarray, float]:
     """2-d t-SNE of ``vectors``; returns the points and the perplexity used (lowered for small sets, where
     sklearn refuses a perplexity not below the number of points)."""
-    from sklearn.manifold import TSNE
-
     vectors = np.asarray(vectors, dtype=np.float32)
     n = len(vectors)
     if n < MIN_POINTS:
@@ -85,8 +75,6 @@ def _short(name: str, width: int = 28) -> str:
 
 def _palette(n: int):
     """Distinct colours (and markers, once colours run out) for n groups."""
-    import matplotlib
-
     if n <= 10:
         colours = list(matplotlib.colormaps["tab10"].colors)
     elif n <= 20:
@@ -124,8 +112,6 @@ def _scatter(ax, points: np.ndarray, labels: list, title: str, legend_title: str
 def plot_tsne(points: np.ndarray, classes: list[str], path: str | Path, *, clusters: list | None = None,
               title: str = "") -> Path:
     """One panel coloured by class; a second coloured by cluster when ``clusters`` is given. Legend outside."""
-    from matplotlib.figure import Figure  # no pyplot: no global figure state
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     panels = 2 if clusters is not None else 1

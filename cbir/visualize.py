@@ -11,18 +11,22 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+import torch
+from matplotlib.figure import Figure
 from PIL import Image
 
-from cbir.data import IMAGENET_MEAN, IMAGENET_STD, Sample, UnreadableImage, is_image_file, list_samples, load_image
+from cbir.data import (IMAGENET_MEAN, IMAGENET_STD, Sample, UnreadableImage, build_transform, decoding_threads,
+                       is_image_file, list_samples, load_image)
 from cbir.errors import CbirError
-from cbir.labels import project_of
+from cbir.labels import balanced_rounds, project_of
+from cbir.plots import wrap_name
 
 log = logging.getLogger("cbir")
 
@@ -102,16 +106,10 @@ def discover(root: str | Path) -> tuple[str, dict[str, list[Sample]]]:
 
 # --------------------------------------------------------------------------------------------- numbers
 
-def _sample_per_class(samples: list[Sample], per_class: int | None, rng: np.random.Generator) -> list[Sample]:
-    by_class: dict[str, list[Sample]] = {}
-    for s in samples:
-        by_class.setdefault(s.class_name, []).append(s)
-    chosen = []
-    for _, members in sorted(by_class.items()):
-        if per_class and len(members) > per_class:
-            members = [members[i] for i in sorted(rng.choice(len(members), per_class, replace=False))]
-        chosen += members
-    return chosen
+def _sample_per_class(samples: list[Sample], per_class: int | None, seed: int) -> list[Sample]:
+    """At most ``per_class`` random images of each class (all with None), in class then file order."""
+    chosen = balanced_rounds([s.class_name for s in samples], seed=seed, rounds=per_class or None)
+    return [samples[i] for i in sorted(chosen)]
 
 
 def _header_size(path: str) -> tuple[int, int] | None:
@@ -131,10 +129,6 @@ def _thumbnail(path: str, size: int) -> np.ndarray | None:
     return np.asarray(image.resize((size, size), Image.BILINEAR), dtype=np.float64) / 255.0
 
 
-def _workers() -> int:
-    return max(1, min(4, (os.cpu_count() or 1)))
-
-
 def compute_stats(root: str | Path, *, max_per_class: int | None = 200, thumbnail: int = 64, seed: int = 0
                   ) -> DatasetStats:
     """Counts of every image; sizes and pixel statistics of up to ``max_per_class`` images per class and split."""
@@ -146,9 +140,8 @@ def compute_stats(root: str | Path, *, max_per_class: int | None = 200, thumbnai
         for cls in classes:
             stats.counts.setdefault(cls, {})[split] = counted.get(cls, 0)
 
-    rng = np.random.default_rng(seed)
-    sampled = [(split, s) for split, samples in splits.items() for s in _sample_per_class(samples, max_per_class, rng)]
-    with ThreadPoolExecutor(_workers()) as pool:
+    sampled = [(split, s) for split, samples in splits.items() for s in _sample_per_class(samples, max_per_class, seed)]
+    with ThreadPoolExecutor(decoding_threads()) as pool:
         sizes = list(pool.map(lambda item: _header_size(item[1].path), sampled))
         thumbs = list(pool.map(lambda item: _thumbnail(item[1].path, thumbnail), sampled))
     sums: dict[str, np.ndarray] = {}
@@ -179,14 +172,10 @@ def compute_stats(root: str | Path, *, max_per_class: int | None = 200, thumbnai
 # --------------------------------------------------------------------------------------------- figures
 
 def _figure(width: float, height: float):
-    from matplotlib.figure import Figure  # no pyplot: no global figure state
-
-    return Figure(figsize=(width, height))
+    return Figure(figsize=(width, height))  # no pyplot: no global figure state
 
 
 def _wrap(name: str, width: int = 22) -> str:
-    from cbir.plots import wrap_name
-
     return wrap_name(name, width)
 
 
@@ -283,8 +272,6 @@ def plot_images_per_split(stats: DatasetStats, out_dir: Path) -> Path:
     ax_total.margins(y=0.2)
 
     projects = sorted({project_of(c) for c in stats.classes})
-    import matplotlib
-
     palette = matplotlib.colormaps["tab20"] if len(projects) > 10 else matplotlib.colormaps["tab10"]
     bottom = np.zeros(len(splits))
     for p_index, project in enumerate(projects):
@@ -312,8 +299,6 @@ def plot_image_sizes(stats: DatasetStats, out_dir: Path) -> Path:
         for ax in (ax_scatter, ax_hist):
             ax.text(0.5, 0.5, "no readable image", ha="center", va="center")
         return _save(fig, out_dir / "image_sizes.png")
-    import matplotlib
-
     projects = sorted({project_of(cls) for _, cls, _, _ in stats.sizes})
     palette = matplotlib.colormaps["tab20"] if len(projects) > 10 else matplotlib.colormaps["tab10"]
     for p_index, project in enumerate(projects):
@@ -378,10 +363,6 @@ def plot_augmentation_preview(stats: DatasetStats, out_dir: Path, *, images: int
                               input_size: int = 224, seed: int = 0) -> Path:
     """A few training images: the plain resized input, then ``views`` random training augmentations of it
     (cbir.data.build_transform(train=True)), un-normalised for display."""
-    import torch
-
-    from cbir.data import build_transform
-
     rng = np.random.default_rng(seed)
     first_split = next(iter(stats.splits.values()))
     by_class: dict[str, list[Sample]] = {}

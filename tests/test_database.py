@@ -256,7 +256,7 @@ def test_unknown_database_and_bad_names_are_refused(home):
     with pytest.raises(DatabaseError) as error:
         Database.open("missing")
     message = str(error.value)
-    assert "database 'missing' does not exist (known: known)" in message and "cbir-index" in message
+    assert "database 'missing' does not exist (known: known)" in message and "index images into it" in message
     assert not (home / "missing").exists()
     for bad in ["../escape", "a/b", "..", "", "name with space"]:
         with pytest.raises(DatabaseError, match="invalid database name"):
@@ -287,7 +287,8 @@ def test_other_extractor_and_other_vector_size_are_refused(home):
         with pytest.raises(DatabaseError) as error:
             db.set_extractor(EXTRACTOR_B)
         message = str(error.value)
-        assert "densenet" in message and "resnet" in message and "--rewrite" in message and "\n" not in message
+        assert "densenet" in message and "resnet" in message and "use rewrite" in message and "\n" not in message
+        assert "use --rewrite" in error.value.worded()  # as a command words it
         with pytest.raises(DatabaseError, match="resnet"):
             db.check_extractor(EXTRACTOR_B)
         with pytest.raises(DatabaseError, match="16 values"):

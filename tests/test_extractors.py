@@ -95,7 +95,11 @@ def test_the_model_table_gives_size_input_parameters_and_weights_source():
     assert 7e6 < rows["densenet"]["parameters"] < 8e6 and 85e6 < rows["vision"]["parameters"] < 87e6
     assert all(row["pretrained_source"] for row in rows.values())
     assert {n for n, row in rows.items() if row["trains_itself"]} == SELF_TRAINED
-    assert "timm:<name>" in models_table()
+    table = models_table()
+    assert "timm:<name>" in table
+    # the thesis's short names are explained beside them
+    for name, meaning in (("conv", "ConvNeXt-Tiny"), ("vision", "ViT-B/16"), ("auto", "Contractive autoencoder")):
+        assert meaning in next(line for line in table.splitlines() if line.split()[0] == name)
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
@@ -148,7 +152,7 @@ def test_self_trained_models_embed_their_own_code_not_a_head():
     assert conv.embedding_size == 512 * 2 * 2  # the flattened 512 × s/32 × s/32 code; 25088 at 224 px
     with pytest.raises(CbirError, match="has no head"):
         conv.freeze_backbone()
-    with pytest.raises(CbirError, match="--dr_model"):
+    with pytest.raises(CbirError, match="dr_model wraps"):
         create_extractor("vae", dr_model=True, pretrained=False, input_size=32)
 
 

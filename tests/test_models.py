@@ -37,9 +37,9 @@ def test_checkpoint_rebuilds_the_same_extractor_from_the_file_alone(tmp_path):
 
 def test_contradicting_the_checkpoint_is_refused(tmp_path):
     path = save_extractor(tmp_path / "ckpt.pt", create_extractor("densenet", 8, pretrained=False))
-    with pytest.raises(CbirError, match="--num_features 8, not 128"):
+    with pytest.raises(CbirError, match="num_features 8, not 128"):
         load_extractor(path, num_features=128)
-    with pytest.raises(CbirError, match="--extractor densenet, not resnet"):
+    with pytest.raises(CbirError, match="model densenet, not resnet"):
         load_extractor(path, model="resnet")
 
 

@@ -39,7 +39,8 @@ def exact_search(db, db_labels, db_paths, queries, query_paths, n_results):
         vectors = np.stack([by_path[p] for p in paths])
         distances = ((vectors[:, None, :] - db[None, :, :]) ** 2).sum(-1)
         order = np.argsort(distances, axis=1, kind="stable")[:, :n_results]
-        return [[db_paths[i] for i in row] for row in order], [[CLASSES[db_labels[i]] for i in row] for row in order], {}
+        paths = [[db_paths[i] for i in row] for row in order]
+        return paths, [[CLASSES[db_labels[i]] for i in row] for row in order], {}
 
     return search
 

@@ -39,7 +39,7 @@ def _tiny_cnn() -> nn.Module:
     )
 
 
-def _tiny(pretrained: bool = False, weights_file: str | None = None):
+def _tiny(pretrained: bool = False, weights_file: str | None = None, input_size: int = 32):
     return _tiny_cnn(), 32
 
 
@@ -63,7 +63,7 @@ class _TinyAutoencoder(nn.Module):
         self.after_steps += 1
 
 
-def _tiny_ae(pretrained: bool = False, weights_file: str | None = None):
+def _tiny_ae(pretrained: bool = False, weights_file: str | None = None, input_size: int = 32):
     return _TinyAutoencoder(), 32
 
 

@@ -4,47 +4,53 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from cbir.cli.common import build_extractor, entry_point, extractor_args, protocol_args
+from cbir.cli.common import (at_least, build_extractor, check_extractor_args, check_protocol_args, command_parser,
+                             entry_point, extractor_args, non_negative, positive, protocol_args)
+from cbir.files import atomic_path, check_output_file, write_text_atomically
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="cbir-classification-acc",
-        description="Train a linear classification head on the extractor's (frozen) features of --training_data, "
-                    "then score its predictions on --path at the class, project and similar levels by the "
-                    "retrieval protocols. top-5: the true class among the 5 highest logits; maj is n/a.",
+    p = command_parser(
+        "cbir-classification-acc",
+        "Train a linear classification head on the extractor's (frozen) features of --training_data, "
+        "then score its predictions on --path at the class, project and similar levels by the "
+        "retrieval protocols. top-5: the true class among the 5 highest logits; maj is n/a.",
     )
     p.add_argument("--training_data", required=True, help="folder with one sub-folder per class (the head's data)")
     protocol_args(p, default_measure="all")
-    p.add_argument("--num_epochs", type=int, default=30, help="epochs of the head (default 30)")
-    p.add_argument("--lr", type=float, default=1e-2, help="learning rate of the head (default 1e-2)")
-    p.add_argument("--decay", type=float, default=1e-4, help="weight decay of the head (default 1e-4)")
-    p.add_argument("--head_batch_size", type=int, default=64, help="batch size of the head's training (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the head, of random and of stat")
+    p.add_argument("--num_epochs", type=at_least(1), default=30, help="epochs of the head (default 30)")
+    p.add_argument("--lr", type=positive, default=1e-2, help="learning rate of the head (default 1e-2)")
+    p.add_argument("--decay", type=non_negative, default=1e-4, help="weight decay of the head (default 1e-4)")
+    p.add_argument("--head_batch_size", type=at_least(1), default=64,
+                   help="batch size of the head's training (default 64)")
     p.add_argument("--name", default="classifier", help="separated: sheet name (default: classifier)")
-    p.add_argument("--cms", default=None,
-                   help="folder for the confusion matrix of the predicted class (top1.png; majority.png is the same "
-                        "for a classifier)")
     p.add_argument("--save_head", default=None, help="save the trained head here (torch file of tensors)")
     extractor_args(p)
     return p
 
 
+def check(args):
+    """Every flag before any work; the level maps."""
+    check_extractor_args(args)
+    if args.save_head:
+        check_output_file(args.save_head, "save_head")
+    return check_protocol_args(args, sheet=args.name)
+
+
 def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    maps = check(args)
+
+    # Heavy parts (torch, FAISS, pandas) load only now, after the flags are checked: bad flags answer at once.
     import torch
 
     from cbir.classification import classification_accuracy
     from cbir.data import list_samples
-    from cbir.errors import CbirError
     from cbir.evaluation import plot_confusion_matrices, write_excel_sheet
-    from cbir.labels import LevelMaps
 
-    args = parser().parse_args(argv)
     train_samples = list_samples(args.training_data)
     queries = list_samples(args.path)
-    maps = LevelMaps.from_files(args.projects_csv, args.similar)
     extractor = build_extractor(args, None)
     result = classification_accuracy(
         extractor, train_samples, queries, measure=args.measure, num_epochs=args.num_epochs, lr=args.lr,
@@ -56,10 +62,7 @@ def main(argv=None) -> None:
     report = result.report
     print(result.format())
     if args.measure == "separated" and report.per_class is not None:
-        try:
-            write_excel_sheet(report.per_class, args.excel_path, args.name)
-        except ValueError as exc:
-            raise CbirError(str(exc)) from None
+        write_excel_sheet(report.per_class, args.excel_path, args.name)
         print(f"per-class rows: sheet '{args.name}' of {args.excel_path}")
     if args.cms:
         for figure in plot_confusion_matrices(report.per_query, args.cms):
@@ -68,12 +71,11 @@ def main(argv=None) -> None:
         numbers = report.to_dict()
         numbers["training"] = {"images": result.n_train, "classes": result.head.class_names,
                                "history": result.history, "seconds": result.seconds_train}
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(numbers, indent=2))
+        write_text_atomically(args.output, json.dumps(numbers, indent=2))
         print(f"numbers: {args.output}")
     if args.save_head:
-        Path(args.save_head).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({**result.head.state(), "extractor": extractor.describe()}, args.save_head)
+        with atomic_path(args.save_head) as temporary:
+            torch.save({**result.head.state(), "extractor": extractor.describe()}, temporary)
         print(f"head: {args.save_head}")
 
 

@@ -15,7 +15,8 @@ from importlib import resources
 from pathlib import Path
 
 from cbir.cli import evaluate, index, retrieve, train, train_index
-from cbir.cli.common import entry_point
+from cbir.cli.common import at_least, command_parser, entry_point
+from cbir.files import check_output_folder
 from cbir.errors import CbirError
 
 SAMPLE = resources.files("cbir") / "samples" / "pbc"
@@ -23,11 +24,11 @@ QUERY_CLASS = "pbc_neutrophil"
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cbir-demo", description=__doc__.splitlines()[0])
+    p = command_parser("cbir-demo", __doc__.splitlines()[0])
     p.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
     p.add_argument("--model", default="effnet", help="extractor (default: effnet, whose weights ship offline)")
-    p.add_argument("--num_epochs", type=int, default=4)
-    p.add_argument("--input_size", type=int, default=128)
+    p.add_argument("--num_epochs", type=at_least(1), default=4)
+    p.add_argument("--input_size", type=at_least(32), default=128)
     return p
 
 
@@ -40,7 +41,7 @@ def step(title: str, command, argv: list[str]) -> None:
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    out = Path(args.out)
+    out = check_output_folder(args.out, "out")
     if out.exists() and not (out / "cbir_data").is_dir() and any(out.iterdir()):
         raise CbirError(f"{out} exists and is not a demo folder; choose another --out")
     folders = {split: Path(str(SAMPLE / split)) for split in ("train", "index", "query")}

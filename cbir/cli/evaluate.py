@@ -5,69 +5,73 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
-from pathlib import Path
 
-from cbir.cli.common import (build_extractor, database_args, entry_point, extractor_args, generalise_args,
-                             protocol_args)
+from cbir.cli.common import (at_least, build_extractor, check_extractor_args, check_generalise_args,
+                             check_protocol_args, command_parser, database_args, entry_point, extractor_args,
+                             generalise_args, protocol_args)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cbir-eval", description="Measure retrieval accuracy (nine numbers + timings).")
+    p = command_parser("cbir-eval", "Measure retrieval accuracy (nine numbers + timings).")
     protocol_args(p, default_measure="random")
-    p.add_argument("--seed", type=int, default=0, help="seed of random and stat")
     p.add_argument("--exclude_same", default=None,
                    help="regex with one group on the file name (slide/patient id): results sharing it are ignored")
     p.add_argument("--name", default=None, help="separated: sheet name (default: the database name)")
-    p.add_argument("--cms", default=None, help="folder for the confusion matrices (top-1 and majority class)")
-    p.add_argument("--nprobe", type=int, default=None, help="inverted lists searched (approximate index only)")
+    p.add_argument("--nprobe", type=at_least(1), default=None, help="inverted lists searched (approximate index only)")
     p.add_argument("--map_at_r", action="store_true",
                    help="also MAP@R (asks the search for as many results as the largest class holds)")
-    generalise_args(p)
-    p.add_argument("--cluster_labels", default=None,
-                   help="image -> cluster labels (cbir-kmeans --out: its cluster_labels.json) for the cluster-level "
-                        "scores; required by --generalise 3; label the query folder too (cbir-kmeans --load partial)")
+    generalise_args(p, cluster_help="image -> cluster labels (cbir-kmeans --out: its cluster_labels.json) for the "
+                                    "cluster-level scores; required by --generalise 3; label the query folder too "
+                                    "(cbir-kmeans --load partial)")
     database_args(p)
     extractor_args(p)
     return p
 
 
+def check(args):
+    """Every flag, before the database is opened: (level maps, cluster labels or None)."""
+    from cbir.evaluation.searching import GroupExclusion
+    from cbir.labels import read_cluster_labels
+
+    check_extractor_args(args)
+    check_generalise_args(args)
+    GroupExclusion(args.exclude_same)
+    maps = check_protocol_args(args, sheet=args.name or args.db_name)
+    return maps, read_cluster_labels(args.cluster_labels) if args.cluster_labels else None
+
+
 def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    maps, cluster_labels = check(args)
+
+    # Heavy parts (torch, FAISS, pandas) load only now, after the flags are checked: bad flags answer at once.
     from cbir.data import list_samples
     from cbir.database import Database
-    from cbir.errors import CbirError
     from cbir.evaluation import evaluate, plot_confusion_matrices, results_to_request, write_excel_sheet
-    from cbir.labels import LevelMaps, read_cluster_labels, restrict_samples
+    from cbir.files import write_text_atomically
+    from cbir.labels import restrict_samples
     from cbir.retrieval import search_function
+    from tqdm import tqdm
 
-    args = parser().parse_args(argv)
     queries = list_samples(args.path)
     if args.generalise in (1, 2):
         # The classes the extractor never saw: the "test" half, the same rule cbir-train and cbir-index use.
         queries = restrict_samples(queries, "test", args.generalise, seed=args.split_seed, split_file=args.split_file)
-    if args.generalise == 3 and not args.cluster_labels:
-        raise CbirError("--generalise 3 scores against k-means clusters: give --cluster_labels FILE "
-                        "(cbir-kmeans --out FOLDER writes FOLDER/cluster_labels.json)")
-    cluster_labels = read_cluster_labels(args.cluster_labels) if args.cluster_labels else None
-    maps = LevelMaps.from_files(args.projects_csv, args.similar)
     with Database.open(args.db_name, home=args.home, redis_url=args.redis_url) as db:
         extractor = build_extractor(args, db.extractor)
-        db_class_counts = None
-        if args.map_at_r:
-            db_class_counts = dict(Counter(cls for _, _, cls in db.items()))
+        db_class_counts = dict(Counter(cls for _, _, cls in db.items())) if args.map_at_r else None
         k_wanted = results_to_request(5, exclude_same=args.exclude_same, db_class_counts=db_class_counts)
         search = search_function(extractor, db, k_wanted, nprobe=args.nprobe, batch_size=args.batch_size,
                                  num_workers=args.num_workers)
-        try:
+        with tqdm(desc="queries", unit="query", leave=False) as bar:
             report = evaluate(
                 [q.path for q in queries], [q.class_name for q in queries], search, measure=args.measure, k=5,
                 seed=args.seed, repeats=args.repeats, maps=maps, max_queries=args.max_queries,
                 remove_classes=args.remove_classes.split(",") if args.remove_classes else None,
                 project_name=args.project_name, class_name=args.class_name, exclude_same=args.exclude_same,
                 batch_size=max(args.batch_size, 64), bootstrap=args.bootstrap, cluster_labels=cluster_labels,
-                db_class_counts=db_class_counts,
+                db_class_counts=db_class_counts, progress=bar.update,
             )
-        except ValueError as exc:
-            raise CbirError(str(exc)) from None
     print(report.format())
     if args.measure == "separated" and report.per_class is not None:
         sheet = args.name or args.db_name
@@ -77,8 +81,7 @@ def main(argv=None) -> None:
         for figure in plot_confusion_matrices(report.per_query, args.cms):
             print(f"confusion matrix: {figure}")
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(report.to_dict(), indent=2))
+        write_text_atomically(args.output, json.dumps(report.to_dict(), indent=2))
         print(f"numbers: {args.output}")
 
 

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from cbir.cli.common import (build_extractor, database_args, describe_extractor, entry_point, extractor_args,
-                             generalise_args)
+from cbir.cli.common import (at_least, build_extractor, check_extractor_args, check_generalise_args, command_parser,
+                             database_args, describe_extractor, entry_point, extractor_args, generalise_args,
+                             names_an_extractor)
+from cbir.errors import CbirError
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cbir-index", description="Add the images of a folder to a database.")
+    p = command_parser("cbir-index", "Add the images of a folder to a database.")
     p.add_argument("--path", required=True, help="a class-folder data set, a folder of images, or one image")
-    p.add_argument("--rewrite", action="store_true", help="empty this database (and only this one) first")
-    p.add_argument("--chunk", type=int, default=512,
+    p.add_argument("--rewrite", action="store_true",
+                   help="replace this database's contents (and only this one's) by these images; it is emptied "
+                        "only once the first of them are embedded")
+    p.add_argument("--chunk", type=at_least(1), default=512,
                    help="images embedded before each database write (default: 512); a killed run loses at most "
                         "this many, and re-running adds only what is missing")
     p.add_argument("--shared_group", action="store_true",
@@ -24,31 +28,46 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def check(args) -> bool:
+    """Every flag, before a database is opened (or created); whether the database exists already."""
+    from cbir.database import list_databases
+
+    check_extractor_args(args)
+    check_generalise_args(args)
+    exists = args.db_name in list_databases(home=args.home, redis_url=args.redis_url)
+    if not names_an_extractor(args) and (args.rewrite or not exists):
+        state = "is rebuilt (--rewrite)" if args.rewrite else "does not exist yet"
+        raise CbirError(f"database '{args.db_name}' {state}, so no extractor is recorded to index with: give "
+                        f"--weights CHECKPOINT (from cbir-train), or --extractor NAME --num_features 0")
+    return exists
+
+
 def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    existed = check(args)
+
+    # Heavy parts (torch, FAISS, pandas) load only now, after the flags are checked: bad flags answer at once.
     from cbir.data import list_images
     from cbir.database import Database
     from cbir.indexing import index_images
+    from cbir.labels import restrict_samples
 
-    args = parser().parse_args(argv)
-    if args.chunk < 1:
-        from cbir.errors import CbirError
-
-        raise CbirError(f"--chunk must be at least 1, got {args.chunk}")
-    samples = list_images(args.path)  # checked before anything is opened or emptied
+    samples = list_images(args.path)
     if args.generalise in (1, 2):
-        from cbir.labels import restrict_samples
-
-        # Only the classes the extractor never saw (the "test" half of cbir.splits) go into the database.
+        # Only the classes the extractor never saw (the "test" half of cbir.labels) go into the database.
         samples = restrict_samples(samples, "test", args.generalise, seed=args.split_seed, split_file=args.split_file)
+    extractor = build_extractor(args) if names_an_extractor(args) else None
     with Database.open(args.db_name, home=args.home, redis_url=args.redis_url, create=True,
                        shared_group=args.shared_group) as db:
-        extractor = build_extractor(args, None if args.rewrite else db.extractor)
+        extractor = extractor or build_extractor(args, db.extractor)
         info = describe_extractor(extractor, args.weights or (db.extractor or {}).get("weights"))
-        if args.rewrite:
-            db.clear()
-        db.set_extractor(info)
-        summary = index_images(extractor, db, samples, batch_size=args.batch_size, num_workers=args.num_workers,
-                               chunk=args.chunk)
+        try:
+            summary = index_images(extractor, db, samples, batch_size=args.batch_size, num_workers=args.num_workers,
+                                   chunk=args.chunk, rewrite=args.rewrite, extractor_info=info)
+        except CbirError:
+            if not existed and len(db) == 0:
+                db.drop()  # made by this run, and nothing could go in: leave no empty database behind
+            raise
         print(summary.format(args.db_name, len(db)))
 
 

@@ -5,22 +5,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cbir.cli.common import entry_point
+from cbir.cli.common import at_least, command_parser, entry_point
+from cbir.errors import CbirError
+from cbir.files import check_input_file, check_output_folder
 
 GAP = 4  # white pixels between the input and its reconstruction
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="cbir-reconstruct",
-        description="Write each image next to its reconstruction by an autoencoder checkpoint "
-                    "(vae, auto, vgg16, vgg11, resnet18, resnet50).")
+    p = command_parser(
+        "cbir-reconstruct",
+        "Write each image next to its reconstruction by an autoencoder checkpoint "
+        "(vae, auto, vgg16, vgg11, resnet18, resnet50).")
     p.add_argument("--weights", required=True, help="autoencoder checkpoint written by cbir-train")
     p.add_argument("--path", required=True, help="an image, a folder of images, or a folder of class folders")
     p.add_argument("--out", default="reconstructions", help="where the PNGs go (default: reconstructions)")
-    p.add_argument("--max_images", type=int, default=None, help="stop after this many images (default: all)")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--gpu_id", type=int, default=None)
+    p.add_argument("--max_images", type=at_least(1), default=None, help="stop after this many images (default: all)")
+    p.add_argument("--batch_size", type=at_least(1), default=16)
+    p.add_argument("--gpu_id", type=at_least(0), default=None)
     return p
 
 
@@ -41,19 +43,20 @@ def side_by_side(original, rebuilt):
 
 
 def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    check_input_file(args.weights, "weights")
+    out = check_output_folder(args.out, "out")
+
+    # Heavy parts (torch, FAISS, pandas) load only now, after the flags are checked: bad flags answer at once.
     import torch
     from PIL import Image
 
     from cbir.data import UnreadableImage, list_images, load_image
     from cbir.embedding import pick_device
-    from cbir.errors import CbirError
     from cbir.models import read_checkpoint
     from cbir.models.extractor import extractor_from_checkpoint, reconstructing_models
     from cbir.models.registry import get_backbone
 
-    args = parser().parse_args(argv)
-    if args.max_images is not None and args.max_images < 1:
-        raise CbirError(f"--max_images must be at least 1, got {args.max_images}")
     payload = read_checkpoint(args.weights)
     config = payload["config"]
     # Refuse before building the model: a classifier checkpoint can be hundreds of megabytes of wasted work.
@@ -67,7 +70,6 @@ def main(argv=None) -> None:
     extractor = extractor_from_checkpoint(payload).to(device)
     transform = extractor.transform(train=False)
     mean, std = extractor.config["mean"], extractor.config["std"]
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     written, skipped, squared_error = [], [], 0.0

@@ -12,14 +12,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cbir.cli.common import entry_point
+from cbir.cli.common import command_parser, entry_point
 from cbir.errors import CbirError
 from cbir.evaluation.excel import DEFAULT_METRICS, SHEET, append_run, markdown_table
 from cbir.evaluation.report import read_report
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cbir-results", description="The results workbook: one row per experiment.")
+    p = command_parser("cbir-results", "The results workbook: one row per experiment.")
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("append", help="append one run as a row")
     a.add_argument("--workbook", default="excel_results/results.xlsx")

@@ -6,34 +6,42 @@ import argparse
 import sys
 from pathlib import Path
 
-from cbir.cli.common import build_extractor, database_args, entry_point, extractor_args
+from cbir.cli.common import (at_least, build_extractor, check_extractor_args, command_parser, database_args,
+                             entry_point, extractor_args)
+from cbir.errors import CbirError
+from cbir.files import check_output_folder
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cbir-retrieve", description="Search a database with a query image.")
+    p = command_parser("cbir-retrieve", "Search a database with a query image.")
     p.add_argument("--path", required=True, help="a query image, or a folder of class folders (one query per class)")
-    p.add_argument("--nrt_neigh", type=int, default=10, help="number of neighbours (default: 10)")
+    p.add_argument("--nrt_neigh", type=at_least(1), default=10, help="number of neighbours (default: 10)")
     p.add_argument("--results_dir", default="results", help="where the neighbours and the figure go")
-    p.add_argument("--nprobe", type=int, default=None, help="inverted lists searched (approximate index only)")
-    p.add_argument("--seed", type=int, default=0, help="picks the query of each class in the folder form")
+    p.add_argument("--nprobe", type=at_least(1), default=None, help="inverted lists searched (approximate index only)")
+    p.add_argument("--seed", type=at_least(0), default=0, help="picks the query of each class in the folder form")
     database_args(p)
     extractor_args(p)
     return p
 
 
+def check(args) -> None:
+    check_extractor_args(args)
+    if not Path(args.path).exists():
+        raise CbirError(f"query {args.path} does not exist")
+    check_output_folder(args.results_dir, "results_dir")
+
+
 def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    check(args)
+
+    # Heavy parts (torch, FAISS, pandas) load only now, after the flags are checked: bad flags answer at once.
     from cbir.data import list_images
     from cbir.database import Database
-    from cbir.errors import CbirError
     from cbir.naming import printable
     from cbir.retrieval import one_query_per_class, save_retrieval, search_samples
 
-    args = parser().parse_args(argv)
-    if args.nrt_neigh < 1:
-        raise CbirError(f"--nrt_neigh must be at least 1, got {args.nrt_neigh}")
     path = Path(args.path)
-    if not path.exists():
-        raise CbirError(f"query {path} does not exist")
     single = path.is_file()
     queries = list_images(path) if single else one_query_per_class(list_images(path), args.seed)
     with Database.open(args.db_name, home=args.home, redis_url=args.redis_url) as db:

@@ -164,10 +164,7 @@ def _redis_errors(method):
                     f"database '{self.name}' was emptied or dropped by another command meanwhile; open it again"
                 ) from None
             if text.startswith("CBIRDIM"):
-                raise DatabaseError(
-                    f"database '{self.name}' holds vectors of {text.split()[1]} values; these have a different "
-                    "size; use the extractor it was built with, --rewrite, or another --db_name"
-                ) from None
+                raise _size_mismatch(self.name, text.split()[1], "these have a different size") from None
             raise DatabaseError(f"{self._where} refused a command: {text}") from None
         except redis.exceptions.RedisError as error:
             raise DatabaseError(f"{self._where} failed: {str(error).strip() or type(error).__name__}") from None
@@ -309,7 +306,8 @@ class Database:
         if _fingerprint(recorded) != _fingerprint(info):
             raise DatabaseError(
                 f"database '{self.name}' was built with extractor {_describe_extractor(recorded)}; these vectors "
-                f"come from {_describe_extractor(info)}; use --rewrite to rebuild it or another --db_name"
+                f"come from {_describe_extractor(info)}; use {{rewrite}} to rebuild it or another {{db_name}}",
+                "rewrite", "db_name",
             )
 
     @_redis_errors
@@ -322,7 +320,7 @@ class Database:
             raise DatabaseError(
                 f"database '{self.name}' was built with extractor {_describe_extractor(recorded)}; these queries "
                 f"come from {_describe_extractor(info)}; query it with the extractor it was built with "
-                "(its --weights) or rebuild it with --rewrite"
+                "(its {weights}) or rebuild it with {rewrite}", "weights", "rewrite",
             )
 
     def _check_dim_of(self, info: dict, *, adding: bool) -> None:
@@ -333,10 +331,7 @@ class Database:
             raise DatabaseError(f"extractor num_features must be an integer, got {info['num_features']!r}") from None
         if dim is not None and wanted != dim:
             what = "these vectors have" if adding else "the queries have"
-            raise DatabaseError(
-                f"database '{self.name}' holds vectors of {dim} values; {what} {wanted} "
-                f"(extractor {info.get('name', '?')}); use --rewrite to rebuild it or another --db_name"
-            )
+            raise _size_mismatch(self.name, dim, f"{what} {wanted} (extractor {info.get('name', '?')})")
 
     # --- keeping FAISS in step with Redis ------------------------------------------------------------------
     def _sync(self) -> Snapshot:
@@ -469,10 +464,7 @@ class Database:
         snap = self._sync()
         dim = vectors.shape[1]
         if snap.dim is not None and snap.dim != dim:
-            raise DatabaseError(
-                f"database '{self.name}' holds vectors of {snap.dim} values; these have {dim}; "
-                "use the extractor it was built with, --rewrite, or another --db_name"
-            )
+            raise _size_mismatch(self.name, snap.dim, f"these have {dim}")
         # A path given twice: the last one wins.
         last = {path: i for i, path in enumerate(paths)}
         keep = np.array(sorted(last.values()), dtype=np.int64)
@@ -705,7 +697,7 @@ class Database:
         if lists:
             return (
                 f"database '{self.name}': {factory} index trained on {len(found)} vectors{note}; "
-                f"searches probe {nprobe} of {lists} lists unless --nprobe says otherwise"
+                f"searches probe {nprobe} of {lists} lists unless told otherwise (nprobe)"
             )
         return f"database '{self.name}': {factory} index built on {len(found)} vectors"
 
@@ -852,5 +844,13 @@ def _file_size(path: Path) -> int:
 def _unknown(name: str, known: list[str]) -> DatabaseError:
     return DatabaseError(
         f"database '{name}' does not exist (known: {', '.join(known) if known else 'none'}); "
-        "index images into it first with cbir-index"
+        "index images into it first"
+    )
+
+
+def _size_mismatch(name: str, held, given: str) -> DatabaseError:
+    """The one message for vectors of the wrong size, whichever check meets them."""
+    return DatabaseError(
+        f"database '{name}' holds vectors of {held} values; {given}; use the extractor it was built with, "
+        "{rewrite}, or another {db_name}", "rewrite", "db_name",
     )

@@ -10,6 +10,6 @@ class DatabaseError(CbirError):
     ``CbirError``, so every command prints it as its one-line error and exits non-zero.
     """
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, *parameters: str):
         lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-        super().__init__("; ".join(lines))
+        super().__init__("; ".join(lines), *parameters)

@@ -136,13 +136,21 @@ class VectorIndex:
             return False
         return True
 
+    def search_parameters(self, k: int, nprobe: int | None = None) -> str:
+        """The FAISS parameter string a search of ``k`` results sets (``"nprobe=4"``, ``"efSearch=64"``), from the
+        factory string: lists probed (at most all of them), and an HNSW beam wide enough for ``k``."""
+        parameters = []
+        if nprobe and self.nlist:
+            parameters.append(f"nprobe={max(1, min(int(nprobe), self.nlist))}")
+        if "HNSW" in self.factory.upper() and not _uses_native_ids(self.factory):
+            parameters.append(f"efSearch={max(2 * int(k), 64)}")
+        return ",".join(parameters)
+
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        parameters = self.search_parameters(k, nprobe)
+        if parameters:  # ParameterSpace reaches through the id map to the index each parameter belongs to
+            faiss.ParameterSpace().set_index_parameters(self.index, parameters)
         ivf = faiss.try_extract_index_ivf(self.index)
-        if ivf is not None and nprobe:
-            ivf.nprobe = max(1, min(int(nprobe), int(ivf.nlist)))
-        inner = faiss.downcast_index(self.index.index) if hasattr(self.index, "id_map") else None
-        if inner is not None and hasattr(inner, "hnsw"):
-            inner.hnsw.efSearch = max(int(inner.hnsw.efSearch), 2 * k, 64)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         gpu = self._gpu_copy(int(k), ivf)
         if gpu is not None:

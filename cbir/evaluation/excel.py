@@ -150,6 +150,7 @@ def eval_columns(report: dict) -> dict[str, Any]:
 
 
 def _style(sheet, columns: list[tuple[str, str]], n_rows: int) -> None:
+    # openpyxl is loaded here, as pandas loads it: only when a workbook is written (not by every cbir-eval).
     from openpyxl.styles import Alignment, Font, PatternFill
     from openpyxl.utils import get_column_letter
 

@@ -1,4 +1,8 @@
-"""Confusion matrices of an evaluation: the query's class against the class retrieval answered."""
+"""Confusion matrices of an evaluation: the query's class against the class retrieval answered.
+
+scikit-learn and matplotlib are imported only when a matrix is counted or drawn: ``cbir-eval`` without ``--cms``
+never loads them (together they would double its start-up time).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from sklearn.metrics import confusion_matrix
 
 NONE_LABEL = "(none)"
 
@@ -15,6 +18,8 @@ NONE_LABEL = "(none)"
 def confusion_counts(per_query: Iterable[Sequence[Any]], column: int) -> tuple[list[str], np.ndarray]:
     """(labels, counts): row = query class, column = the class in ``per_query`` entries' ``column`` (2: first
     result, 3: majority of the first five); a query with no answer counts under ``(none)``, the last label."""
+    from sklearn.metrics import confusion_matrix  # see the module doc
+
     truth = [str(e[1]) for e in per_query]
     predicted = [NONE_LABEL if e[column] is None else str(e[column]) for e in per_query]
     labels = sorted(set(truth) | set(predicted) - {NONE_LABEL})
@@ -24,7 +29,7 @@ def confusion_counts(per_query: Iterable[Sequence[Any]], column: int) -> tuple[l
 
 
 def _draw(labels: list[str], counts: np.ndarray, name: str, xlabel: str, target: Path) -> Path:
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state (see the module doc)
 
     row_sums = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, row_sums, out=np.zeros(counts.shape), where=row_sums > 0)

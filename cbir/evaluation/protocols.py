@@ -23,7 +23,7 @@ from cbir.errors import ParameterError
 from cbir.evaluation.report import EvalReport
 from cbir.evaluation.scoring import CLUSTER_KEYS, EXTRA_KEYS, HEADLINE_KEYS, Scorer, score_queries
 from cbir.evaluation.searching import GroupExclusion, SearchFn, per_query_timings, run_search
-from cbir.labels import LevelMaps
+from cbir.labels import LevelMaps, balanced_rounds
 
 MEASURES = ("all", "random", "weighted", "remove", "stat", "separated")
 CI_KEYS = ("class_top1", "class_top5", "class_maj")
@@ -78,36 +78,14 @@ def _restrict(classes: list[str], project_name: str | None, class_name: str | No
         indices = [i for i in indices if maps.project(classes[i]) == project_name]
         if not indices:
             known = sorted({maps.project(c) for c in classes})
-            raise ParameterError(f"no query of {{project_name}} {project_name!r} (projects: {', '.join(known)})", "project_name")
+            raise ParameterError(f"no query of {{project_name}} {project_name!r} (projects: {', '.join(known)})",
+                                 "project_name")
     if class_name is not None:
         indices = [i for i in indices if classes[i] == class_name]
         if not indices:
-            raise ParameterError(f"no query of {{class_name}} {class_name!r} (classes: {', '.join(sorted(set(classes)))})",
-                                 "class_name")
+            known = ", ".join(sorted(set(classes)))
+            raise ParameterError(f"no query of {{class_name}} {class_name!r} (classes: {known})", "class_name")
     return indices
-
-
-def balanced_rounds(classes: Sequence[str], indices: Sequence[int], seed: int, limit: int | None) -> list[int]:
-    """One unused random member of each class per round, whole rounds, until more than ``limit`` are drawn (or the
-    classes run out; ``None``: every member), in draw order.
-
-    Shuffling each class once and taking one element per round is the same draw as picking an unused member at
-    random every round; sorting the classes makes the draw independent of the order the members came in.
-    """
-    rng = np.random.default_rng(seed)
-    by_class: dict[str, list[int]] = {}
-    for i in indices:
-        by_class.setdefault(classes[i], []).append(i)
-    order = {c: rng.permutation(by_class[c]) for c in sorted(by_class)}
-    chosen: list[int] = []
-    rank = 0
-    while limit is None or len(chosen) <= limit:
-        picked = [int(order[c][rank]) for c in order if len(order[c]) > rank]
-        if not picked:
-            break
-        chosen.extend(picked)
-        rank += 1
-    return chosen
 
 
 def select_queries(
@@ -135,7 +113,7 @@ def select_queries(
     classes = [str(c) for c in query_classes]
     indices = _restrict(classes, project_name, class_name, maps)
     if measure in ("random", "stat"):
-        return sorted(balanced_rounds(classes, indices, seed, max_queries))
+        return sorted(balanced_rounds(classes, indices, seed=seed, limit=max_queries))
     if measure == "remove":
         dropped = set(resolve_removed_classes(classes, remove_classes))
         kept = [i for i in indices if classes[i] not in dropped]

@@ -49,14 +49,15 @@ def describe_models(num_features: int = 128) -> list[dict]:
 
 
 def models_table(num_features: int = 128) -> str:
-    """describe_models() as aligned text, plus the timm family line."""
-    header = ("name", "embedding", "input", "parameters", "backbone", "pretrained weights")
+    """describe_models() as aligned text, plus the timm family line: each short name (the thesis's: ``conv``,
+    ``vision``, ``auto``...) beside the architecture it stands for."""
+    header = ("name", "what it is", "kind", "embedding", "input", "parameters", "pretrained weights")
     lines = [header]
     for row in describe_models(num_features):
         parameters = f"{row['parameters'] / 1e6:.1f}M" if row["parameters"] else "?"
-        lines.append((row["name"], str(row["embedding_size"] or "?"), str(row["input_size"]), parameters,
-                      row["description"], row["pretrained_source"]))
-    lines.append(("timm:<name>", str(num_features), "model's", "model's", "any timm architecture",
+        lines.append((row["name"], row["description"], row["kind"], str(row["embedding_size"] or "?"),
+                      str(row["input_size"]), parameters, row["pretrained_source"]))
+    lines.append(("timm:<name>", "any timm architecture", "timm", str(num_features), "model's", "model's",
                   "HF/torch cache, timm:local-dir:PATH, or --pretrained_weights"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     return "\n".join("  ".join([*(cell.ljust(w) for cell, w in zip(line, widths)), line[-1]]).rstrip()

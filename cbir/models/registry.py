@@ -11,7 +11,7 @@ the folder or cache it first came from.
 
 from __future__ import annotations
 
-import inspect
+import argparse
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,13 +20,11 @@ from torch import nn
 from cbir.data import IMAGENET_MEAN, IMAGENET_STD
 from cbir.errors import CbirError
 
-KINDS = ("cnn", "transformer", "autoencoder", "self-supervised", "timm")
-
 
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
-    # build(pretrained, weights_file[, input_size]) -> (module giving (B, F) features, F)
+    # build(pretrained, weights_file, input_size) -> (module giving (B, F) features, F)
     build: Callable[..., tuple[nn.Module, int]]
     input_size: int = 224
     mean: tuple = IMAGENET_MEAN
@@ -44,12 +42,7 @@ class BackboneSpec:
     extra: dict = field(default_factory=dict)
 
     def create(self, *, pretrained: bool, weights_file: str | None, input_size: int) -> tuple[nn.Module, int]:
-        # Builders registered before input sizes mattered take (pretrained, weights_file) only.
-        parameters = inspect.signature(self.build).parameters
-        takes_size = "input_size" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-        if takes_size:
-            return self.build(pretrained=pretrained, weights_file=weights_file, input_size=input_size)
-        return self.build(pretrained=pretrained, weights_file=weights_file)
+        return self.build(pretrained=pretrained, weights_file=weights_file, input_size=input_size)
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -87,8 +80,6 @@ def check_model_name(name: str) -> str:
 
     ``choices=list_models()`` would refuse ``timm:<name>``; this accepts it (the family resolves it later).
     """
-    import argparse
-
     prefix, sep, _ = name.partition(":")
     if name not in BACKBONES and not (sep and prefix in FAMILIES):
         families = "".join(f", or {p}:<name>" for p in FAMILIES)

@@ -20,6 +20,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from cbir.data import IMAGENET_MEAN, IMAGENET_STD
 from cbir.errors import CbirError
 from cbir.models.registry import BackboneSpec, register_backbone, register_family
@@ -47,8 +49,6 @@ def _cached_weights(cfg: dict) -> Path | None:
             return found
     url = cfg.get("url")
     if url and url.endswith((".pth", ".pt", ".bin", ".safetensors")):
-        import torch
-
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
         if cached.is_file():
             return cached
