@@ -125,21 +125,68 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def build_transform(input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, *, train: bool = False):
+class RandomRightAngle:
+    """Rotate by 0, 90, 180 or 270 degrees: tissue and cells have no up. With a flip, all eight orientations."""
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        turns = int(torch.randint(4, ()))
+        return image.transpose((None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180,
+                                Image.Transpose.ROTATE_270)[turns]) if turns else image
+
+
+# Haematoxylin, eosin and DAB optical densities of Ruifrok & Johnston (2001), the rows scikit-image's rgb2hed uses.
+_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
+
+
+class RandomStain:
+    """Stain augmentation in HED space (Tellez et al. 2018): each stain's amount scaled by 1 ± ``scale`` and shifted
+    by ± ``shift`` optical density, as one lab's staining differs from another's. Takes and gives a [0, 1] tensor."""
+
+    def __init__(self, scale: float = 0.1, shift: float = 0.02):
+        self.scale, self.shift = scale, shift
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        # (3, pixels) throughout: the contiguous layout is some twenty times faster than (pixels, 3)
+        density = _HED_FROM_RGB.T @ -torch.log(image.reshape(3, -1).clamp(min=1e-6))
+        factor = 1 + (torch.rand(3, 1) * 2 - 1) * self.scale
+        offset = (torch.rand(3, 1) * 2 - 1) * self.shift
+        return torch.exp(-(_RGB_FROM_HED.T @ (density * factor + offset))).clamp(0, 1).reshape(image.shape)
+
+
+def _basic_augmentation(input_size: int) -> list:
+    return [transforms.RandomResizedCrop(input_size, scale=(0.7, 1.0)), transforms.RandomHorizontalFlip(),
+            transforms.RandomVerticalFlip(), transforms.ColorJitter(saturation=0.2, hue=0.1), transforms.ToTensor()]
+
+
+def _histology_augmentation(input_size: int) -> list:
+    return [transforms.RandomResizedCrop(input_size, scale=(0.7, 1.0)), RandomRightAngle(),
+            transforms.RandomHorizontalFlip(),
+            transforms.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1),  # scanners differ; no hue: slow
+            transforms.ToTensor(), RandomStain()]
+
+
+# Training augmentations by name (``--augmentation``): each gives the steps from a PIL image to a [0, 1] tensor.
+AUGMENTATIONS = {
+    "basic": _basic_augmentation,  # the thesis's: crops, flips, saturation and hue jitter
+    "histology": _histology_augmentation,  # any orientation, stain (HED) and scanner-like colour changes
+}
+DEFAULT_AUGMENTATION = "basic"
+
+
+def build_transform(input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, *, train: bool = False,
+                    augmentation: str = DEFAULT_AUGMENTATION):
     """The one preprocessing pipeline: the extractor's own size and normalisation, plus augmentation in training.
 
     Autoencoders pass ``mean=(0,0,0), std=(1,1,1)`` so inputs and targets stay in [0, 1].
     """
-    normalise = [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    if train:
-        return transforms.Compose([
-            transforms.RandomResizedCrop(input_size, scale=(0.7, 1.0)),
-            transforms.RandomHorizontalFlip(),
-            transforms.RandomVerticalFlip(),
-            transforms.ColorJitter(saturation=0.2, hue=0.1),
-            *normalise,
-        ])
-    return transforms.Compose([transforms.Resize((input_size, input_size)), *normalise])
+    if not train:
+        return transforms.Compose([transforms.Resize((input_size, input_size)), transforms.ToTensor(),
+                                   transforms.Normalize(mean, std)])
+    if augmentation not in AUGMENTATIONS:
+        raise ParameterError(f"unknown {{augmentation}} '{augmentation}'; choose one of: {', '.join(AUGMENTATIONS)}",
+                             "augmentation")
+    return transforms.Compose([*AUGMENTATIONS[augmentation](input_size), transforms.Normalize(mean, std)])
 
 
 class ImageDataset(Dataset):

@@ -42,8 +42,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cbir.data import (ClassBalancedBatches, EpochBatches, Sample, ShuffledBatches, TrainingImages,
-                       collate_skipping, default_workers, epoch_seed, list_samples)
+from cbir.data import (AUGMENTATIONS, DEFAULT_AUGMENTATION, ClassBalancedBatches, EpochBatches, Sample,
+                       ShuffledBatches, TrainingImages, collate_skipping, default_workers, epoch_seed, list_samples)
 from cbir.embedding import embed, pick_device
 from cbir.errors import CbirError, ParameterError, check_at_least
 from cbir.files import check_input_file, check_output_file
@@ -54,7 +54,7 @@ from cbir.plots import plot_loss_curve
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS = ("step", "exponential")
+SCHEDULERS = ("cosine", "step", "exponential")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_LOSS = "margin"
 
@@ -72,12 +72,14 @@ class TrainConfig:
     images_per_class: int = 4
     augmented: bool = False  # pair losses: positive = a second augmented view of the anchor (SimCLR-style)
     non_contrastive: bool = False  # pair losses: positive pairs only, no negative
-    lr: float = 1e-4
+    lr: float = 1e-4  # the backbone's; the embedding head learns head_lr_scale times faster
+    head_lr_scale: float = 1.0
     decay: float = 4e-4
     beta_lr: float = 5e-4
     gamma: float = 0.3
     lr_proxies: float = 1e-5
-    scheduler: str | None = None  # None, "step" or "exponential"
+    scheduler: str | None = None  # None, "cosine" (warm-up, then cosine decay, per step), "step", "exponential"
+    augmentation: str = DEFAULT_AUGMENTATION  # cbir.data.AUGMENTATIONS
     freeze: bool = False
     pretrained: bool = True
     pretrained_weights: str | None = None
@@ -116,6 +118,7 @@ def check_config(config: TrainConfig) -> None:
     """Everything that can be refused from the configuration alone, one line each, naming the field."""
     _check_choice("scheduler", config.scheduler, (None, *SCHEDULERS))
     _check_choice("precision", config.precision, PRECISIONS)
+    _check_choice("augmentation", config.augmentation, list(AUGMENTATIONS))
     if config.loss is not None:
         _check_choice("loss", config.loss, list_losses())
     for name in ("num_epochs", "batch_size", "images_per_class", "max_batches", "num_workers", "gpu_id", "seed",
@@ -123,7 +126,7 @@ def check_config(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value is not None:
             check_at_least(name, value, 0 if name in ("num_workers", "gpu_id", "seed", "split_seed") else 1)
-    for name in ("lr", "gamma"):
+    for name in ("lr", "gamma", "head_lr_scale"):
         if not 0 < getattr(config, name) < math.inf:
             raise ParameterError(f"{{{name}}} must be a positive number, got {getattr(config, name)!r}", name)
     for name in ("decay", "beta_lr", "lr_proxies"):
@@ -286,9 +289,26 @@ class TrainingStep(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_scheduler(optimizer, name: str | None, num_epochs: int, gamma: float):
-    """``step``: ×gamma at half and at the end; ``exponential``: ×gamma each epoch; None: a constant rate."""
+WARMUP_SHARE = 0.1
+
+
+def build_scheduler(optimizer, name: str | None, num_epochs: int, gamma: float, steps_per_epoch: int = 1):
+    """``cosine``: a linear warm-up over the first tenth of the steps, then a cosine decay to 0, stepped after every
+    batch (``.per_step``); ``step``: ×gamma at half and at the end; ``exponential``: ×gamma each epoch; None: a
+    constant rate."""
     _check_choice("scheduler", name, (None, *SCHEDULERS))
+    if name == "cosine":
+        total = max(1, num_epochs * steps_per_epoch)
+        warmup = max(1, round(WARMUP_SHARE * total))
+
+        def factor(step: int) -> float:  # of each group's own rate: the head, backbone and loss keep their ratio
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler.per_step = True
+        return scheduler
     if name == "step":
         milestones = [max(1, num_epochs // 2), num_epochs]
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=gamma)
@@ -469,10 +489,17 @@ class TrainingRun:
         self.step = TrainingStep(self.extractor, self.loss_fn, distributed=self.dist.active).to(device)
         loss_groups = self.loss_fn.param_groups(lr_proxies=config.lr_proxies, beta_lr=config.beta_lr) \
             if self.loss_fn is not None else []
-        self.optimizer = torch.optim.Adam(
-            [{"params": [p for p in self.extractor.parameters() if p.requires_grad]}, *loss_groups],
-            lr=config.lr, weight_decay=config.decay)
-        self.scheduler = build_scheduler(self.optimizer, config.scheduler, config.num_epochs, config.gamma)
+        # The new head starts from random weights and learns faster than the pretrained backbone it sits on.
+        head = getattr(self.extractor, "head", None)
+        head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+        trainable = [p for p in self.extractor.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in trainable if id(p) not in head_ids]},
+                  {"params": [p for p in trainable if id(p) in head_ids], "lr": config.lr * config.head_lr_scale},
+                  *loss_groups]
+        self.optimizer = torch.optim.Adam([g for g in groups if g["params"]], lr=config.lr, weight_decay=config.decay)
+        steps_per_epoch = min(math.ceil(len(self.batches) / self.dist.world), config.max_batches or len(self.batches))
+        self.scheduler = build_scheduler(self.optimizer, config.scheduler, config.num_epochs, config.gamma,
+                                         steps_per_epoch)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
         if self.resumed is not None:
             self._restore(self.resumed)
@@ -489,7 +516,8 @@ class TrainingRun:
             torch.backends.cudnn.benchmark = True
         self.workers = default_workers() if config.num_workers is None else config.num_workers
         self.sampler = EpochBatches(self.batches, seed=config.seed, rank=self.dist.rank, world=self.dist.world)
-        images = TrainingImages(self.train_samples, self.extractor.transform(train=True),
+        images = TrainingImages(self.train_samples, self.extractor.transform(train=True,
+                                                                             augmentation=config.augmentation),
                                 {name: i for i, name in enumerate(self.class_names)},
                                 views=2 if config.augmented else 1)
         self.loader = DataLoader(images, batch_sampler=self.sampler, num_workers=self.workers,
@@ -571,13 +599,15 @@ class TrainingRun:
         else:
             loss.backward()
             self.optimizer.step()
+        if getattr(self.scheduler, "per_step", False):
+            self.scheduler.step()
         if self.loss_fn is None:
             self.extractor.after_step()
         return loss, len(images)
 
     def end_epoch(self, row: dict) -> None:
         """Step the scheduler, validate, log, and write the checkpoints (the best epoch's too)."""
-        if self.scheduler is not None:
+        if self.scheduler is not None and not getattr(self.scheduler, "per_step", False):
             self.scheduler.step()
         row["val_top1"] = retrieval_top1(self.extractor, self.val_samples, device=self.device,
                                          num_workers=self.workers, dist=self.dist) if self.val_samples else None

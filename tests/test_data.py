@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cbir.data import (ClassBalancedBatches, ImageDataset, UnreadableImage, build_transform, collate_skipping,
+from cbir.data import (AUGMENTATIONS, ClassBalancedBatches, RandomRightAngle, RandomStain, ImageDataset, UnreadableImage, build_transform, collate_skipping,
                        list_samples, load_image)
 from cbir.errors import CbirError
 
@@ -75,3 +75,29 @@ def test_training_transform_augments_and_evaluation_transform_does_not():
     training = build_transform(32, train=True)
     assert training(image).shape == (3, 32, 32)
     assert not torch.equal(training(image), training(image))
+
+
+def test_histology_augmentation_turns_tissue_every_way_and_shifts_stains_within_bounds():
+    pixels = np.random.default_rng(1).integers(0, 255, (6, 6, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    seen = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        seen.add(np.asarray(RandomRightAngle()(image)).tobytes())
+    assert seen == {np.rot90(pixels, k).tobytes() for k in range(4)}  # all four right angles, nothing else
+
+    tissue = torch.rand(3, 16, 16) * 0.8 + 0.1
+    assert torch.allclose(RandomStain(scale=0, shift=0)(tissue), tissue, atol=1e-5)  # HED round trip is exact
+    torch.manual_seed(0)
+    stained = RandomStain(scale=0.1, shift=0.02)(tissue)
+    assert stained.shape == tissue.shape and not torch.allclose(stained, tissue, atol=1e-3)
+    assert (stained - tissue).abs().max() < 0.25  # another lab's staining, not another image
+
+    histology = build_transform(32, train=True, augmentation="histology")
+    torch.manual_seed(0)
+    first = histology(image)
+    torch.manual_seed(0)
+    assert first.shape == (3, 32, 32) and torch.equal(first, histology(image))  # seeded, as training needs
+    assert set(AUGMENTATIONS) >= {"basic", "histology"}
+    with pytest.raises(CbirError, match="unknown augmentation 'jpeg'"):
+        build_transform(32, train=True, augmentation="jpeg")

@@ -258,10 +258,60 @@ def test_bad_input_is_refused_in_one_line_before_any_work(colours, tmp_path, cap
     assert "trains with its own objective" in one_line_error(
         capsys, [*base[:1], "test_tiny_ae", *base[2:], "--training_data", str(colours), "--loss", "triplet"])
     assert not weights.parent.exists()  # refused before anything was written
-    for field, value, message in (("scheduler", "cosine", "unknown scheduler 'cosine'"),
+    for field, value, message in (("scheduler", "linear", "unknown scheduler 'linear'"),
+                                  ("augmentation", "mixup", "unknown augmentation 'mixup'"),
+                                  ("head_lr_scale", 0.0, "head_lr_scale must be a positive number"),
                                   ("loss", "arcface", "unknown loss 'arcface'"),
                                   ("precision", "fp16", "needs a GPU")):
         if field == "precision" and torch.cuda.is_available():
             continue
         with pytest.raises(CbirError, match=message):
             train(tiny_config(colours, weights, **{field: value}))
+
+
+def test_the_histology_recipe_warms_up_decays_to_zero_and_trains_the_head_ten_times_faster(colours, tmp_path):
+    recipe = dict(scheduler="cosine", head_lr_scale=10.0, augmentation="histology")
+    summary = train(tiny_config(colours, tmp_path / "w.pt", loss="margin", num_epochs=2, **recipe))
+    groups = torch.load(tmp_path / "w.pt", weights_only=True)["training"]["optimizer"]["param_groups"]
+    backbone, head = groups[0], groups[1]
+    assert head["initial_lr"] == pytest.approx(10 * backbone["initial_lr"]) == pytest.approx(1e-2)
+    assert backbone["lr"] == pytest.approx(0.0, abs=1e-9)  # the cosine has reached zero after the last step
+    first, last = (row["lr"] for row in summary["history"])
+    assert 0 < first <= 1e-3 and last < first  # the rate the first epoch ended on, then lower
+    # the schedule itself: a linear warm-up over a tenth of the steps, the peak, then a cosine to zero
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = training.build_scheduler(optimizer, "cosine", num_epochs=4, gamma=0.3, steps_per_epoch=5)
+    rates = []
+    for _ in range(20):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:4] == pytest.approx([0.5, 1.0, 1.0, 0.9924], abs=1e-4)
+    assert all(a >= b for a, b in zip(rates[1:], rates[2:])) and rates[-1] < 0.01
+
+
+def test_the_cli_defaults_are_the_package_defaults():
+    args = train_cli.parser().parse_args(["--training_data", "x"])
+    for key, value in vars(TrainConfig(training_data="x")).items():
+        if hasattr(args, key) and key not in ("model", "loss"):
+            assert getattr(args, key) == value, key
+
+
+def test_a_checkpoint_trained_with_the_old_defaults_still_loads_and_embeds_the_same(tmp_path):
+    """tests/data/today_defaults_tiny.pt was written by cbir-train before the recipe changed (lr 1e-4, no
+    scheduler, the thesis's augmentation), with the vectors that code gave four fixed images beside it."""
+    from cbir.data import Sample
+    from cbir.embedding import embed
+
+    reference = json.loads((ROOT / "tests" / "data" / "today_defaults_tiny.json").read_text())
+    rng = np.random.default_rng(reference["seed"])
+    probes = []
+    for i in range(4):
+        path = tmp_path / f"probe{i}.png"
+        Image.fromarray(rng.integers(0, 256, reference["shape"], dtype=np.uint8)).save(path)
+        probes.append(Sample(str(path), "probe"))
+    extractor = load_extractor(ROOT / "tests" / "data" / "today_defaults_tiny.pt")
+    stored = torch.load(ROOT / "tests" / "data" / "today_defaults_tiny.pt", weights_only=True)
+    assert stored["training"]["train_config"]["lr"] == 1e-4 and stored["training"]["train_config"]["scheduler"] is None
+    vectors = embed(extractor, probes, num_workers=0).vectors
+    assert np.allclose(vectors, np.array(reference["vectors"], dtype=np.float32), atol=1e-5)

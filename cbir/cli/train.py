@@ -17,6 +17,7 @@ def _scheduler(text: str) -> str | None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from cbir.data import AUGMENTATIONS
     from cbir.losses import list_losses
     from cbir.models import check_model_name
 
@@ -38,14 +39,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--augmented", action="store_true",
                    help="pair losses: the positive is a second augmented view of the anchor image (SimCLR-style)")
     p.add_argument("--non_contrastive", action="store_true", help="pair losses: positive pairs only, no negatives")
-    p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--lr", type=float, default=d["lr"], help=f"learning rate of the backbone (default: {d['lr']:g})")
+    p.add_argument("--head_lr_scale", type=float, default=d["head_lr_scale"],
+                   help=f"the embedding head learns this many times faster than the backbone (default: "
+                        f"{d['head_lr_scale']:g})")
     p.add_argument("--decay", type=float, default=d["decay"], help="weight decay")
     p.add_argument("--beta_lr", type=float, default=d["beta_lr"], help="learning rate of the margin loss's beta")
     p.add_argument("--gamma", type=float, default=d["gamma"], help="scheduler factor")
     p.add_argument("--lr_proxies", type=float, default=d["lr_proxies"],
                    help="learning rate of proxies / class weights / centres")
     p.add_argument("--scheduler", default=d["scheduler"], type=_scheduler, choices=[None, *SCHEDULERS],
-                   help="None (default), step (×gamma at half and at the end), exponential (×gamma each epoch)")
+                   help="None (default: constant), cosine (linear warm-up over the first tenth of the steps, then "
+                        "cosine decay to 0), step (×gamma at half and at the end), exponential (×gamma each epoch)")
+    p.add_argument("--augmentation", default=d["augmentation"], choices=list(AUGMENTATIONS),
+                   help="basic (default: the thesis's crops, flips and colour jitter), histology (any of the eight "
+                        "right-angle orientations, HED stain and scanner-like colour changes)")
     p.add_argument("--freeze", action="store_true", help="train the head only")
     p.add_argument("--scratch", action="store_true", help="no ImageNet weights: train from random initialisation")
     p.add_argument("--pretrained_weights", default=None, help="ImageNet weights file for the backbone (offline use)")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cbir.data import build_transform
+from cbir.data import DEFAULT_AUGMENTATION, build_transform
 from cbir.errors import CbirError, ParameterError
 from cbir.files import atomic_path
 # Registration order is the order list_models() shows: the thesis's backbones, then the self-trained models.
@@ -139,8 +139,9 @@ class Extractor(nn.Module):
             self.backbone.eval()
         return self
 
-    def transform(self, train: bool = False):
-        return build_transform(self.config["input_size"], self.config["mean"], self.config["std"], train=train)
+    def transform(self, train: bool = False, augmentation: str = DEFAULT_AUGMENTATION):
+        return build_transform(self.config["input_size"], self.config["mean"], self.config["std"], train=train,
+                               augmentation=augmentation)
 
     def fingerprint(self) -> str:
         """A short hash of the weights: the database uses it to refuse vectors from another extractor."""
