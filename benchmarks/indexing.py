@@ -4,8 +4,8 @@
     python benchmarks/indexing.py --images 128 --input_size 128
 
 The bare forward pass gets the images already decoded, resized and normalised in memory (loading not timed) and
-times only ``extractor(batch)``. Indexing is ``cbir.indexing.index_images`` -- what cbir-index runs: a DataLoader
-whose workers decode and resize while the model runs, and pipelined Redis writes -- into a fresh embedded
+times only ``extractor(batch)``. Indexing is ``cbir.indexing.index_images`` -- what cbir-index runs: worker
+processes decode and resize while the model runs, and pipelined Redis writes -- into a fresh embedded
 database, timed from the first image to the last write. The two alternate (--rounds times) so load on a shared
 machine hits both alike. Printed: images/s of each and their ratio (goal: >= 0.85). Run by hand; not in CI.
 """
@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("--num_features", type=int, default=128)
     p.add_argument("--input_size", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: cbir-index's)")
+    p.add_argument("--num_workers", type=int, default=None, help="decoding workers (default: cbir-index's)")
     p.add_argument("--chunk", type=int, default=512, help="images per database write (cbir-index --chunk)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")

@@ -11,75 +11,17 @@ import logging
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 from torchvision import transforms
 
 from cbir.errors import CbirError, ParameterError
+# Re-exported: the torch-free part lives in cbir.images.
+from cbir.images import (IMAGE_EXTENSIONS, Sample, UnreadableImage, is_image_file, list_images,  # noqa: F401
+                         list_samples, load_image)
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".ppm", ".pgm"}
-
-# A truncated JPEG is an unreadable file, not a half-grey image: let PIL raise on it.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-class UnreadableImage(CbirError):
-    """An image file that exists but cannot be decoded."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    path: str
-    class_name: str
-
-
-def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
-def list_samples(root: str | Path, classes: list[str] | None = None) -> list[Sample]:
-    """Every image of a class-folder data set, sorted, as (path, class) samples.
-
-    ``classes`` keeps only those class folders (used by the generalisation splits).
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise CbirError(f"data folder {root} does not exist")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if classes is not None:
-        wanted = set(classes)
-        class_dirs = [d for d in class_dirs if d.name in wanted]
-    samples = [
-        Sample(str(path), class_dir.name)
-        for class_dir in class_dirs
-        for path in sorted(class_dir.rglob("*"))
-        if is_image_file(path)
-    ]
-    if not samples:
-        raise CbirError(f"no images found under {root}: expected one sub-folder per class holding image files")
-    return samples
-
-
-def list_images(path: str | Path) -> list[Sample]:
-    """Samples from a single image, a class-folder data set, or a flat folder of images (class = folder name)."""
-    path = Path(path)
-    if path.is_file():
-        return [Sample(str(path), path.parent.name)]
-    if not path.is_dir():
-        raise CbirError(f"{path} does not exist")
-    if any(d.is_dir() for d in path.iterdir()):
-        return list_samples(path)
-    samples = [Sample(str(p), path.name) for p in sorted(path.iterdir()) if is_image_file(p)]
-    if not samples:
-        raise CbirError(f"no images found in {path}")
-    return samples
 
 
 def default_workers() -> int:
@@ -90,35 +32,6 @@ def default_workers() -> int:
 def decoding_threads() -> int:
     """Threads that only decode and resize (no model beside them): every core, at most four."""
     return max(1, min(4, os.cpu_count() or 1))
-
-
-def _to_8bit_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit and float images: stretch the actual range to 0–255; a plain convert("L") would clip them white.
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        array = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
-        image = Image.fromarray(array.astype(np.uint8), mode="L")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA"):
-        # Transparent areas become white, as a slide background, not black.
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").split()[-1])
-        return background
-    return image.convert("RGB")
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """Any image file as 8-bit RGB; :class:`UnreadableImage` (one line) when it cannot be decoded."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return _to_8bit_rgb(image)
-    except FileNotFoundError:
-        raise UnreadableImage(f"{path}: no such file") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise UnreadableImage(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from None
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -203,7 +116,7 @@ class ImageDataset(Dataset):
     def load(self, index: int):
         """The image of sample ``index``, or ``None`` (warned, and later counted) when it cannot be read."""
         try:
-            return load_image(self.samples[index].path)
+            return self.samples[index].load()
         except UnreadableImage as exc:
             log.warning("skipping %s", exc)
             return None

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from cbir.data import Sample
+from cbir.images import Sample
 from cbir.embedding import iter_embeddings
 from cbir.errors import CbirError
 from cbir.naming import printable
@@ -34,18 +34,20 @@ class IndexSummary:
         return "\n".join(lines)
 
 
-def index_images(extractor, database, samples: list[Sample], *, batch_size: int = 32, num_workers: int | None = None,
-                 device=None, progress: bool = True, chunk: int = 512, rewrite: bool = False,
-                 extractor_info: dict | None = None) -> IndexSummary:
+def index_images(encoder, database, samples: list[Sample], *, batch_size: int | None = None,
+                 num_workers: int | None = None, device=None, progress: bool = True, chunk: int = 512,
+                 rewrite: bool = False, extractor_info: dict | None = None) -> IndexSummary:
     """Add ``samples`` not yet in ``database``; re-running after an interruption adds only what is missing.
+
+    ``encoder``: from :func:`cbir.inference.load_encoder` (or a bare extractor, run in PyTorch).
 
     ``rewrite``: replace the database's contents by ``samples``. Nothing is changed before vectors are ready:
     the database is emptied just before the first chunk is written, so when none of the images can be read it is
     left as it was (and a :class:`CbirError` says so). ``extractor_info`` is what the database records about the
-    extractor (default: ``extractor.describe()``); vectors of another extractor are refused before any work.
+    extractor (default: ``encoder.describe()``); vectors of another extractor are refused before any work.
     """
     start = time.perf_counter()
-    info = extractor_info or extractor.describe()
+    info = extractor_info or encoder.describe()
     if rewrite:
         todo = list(samples)
     else:
@@ -69,7 +71,7 @@ def index_images(extractor, database, samples: list[Sample], *, batch_size: int 
         pending_samples.clear()
         pending_vectors.clear()
 
-    for batch_samples, vectors, seconds in iter_embeddings(extractor, todo, batch_size=batch_size,
+    for batch_samples, vectors, seconds in iter_embeddings(encoder, todo, batch_size=batch_size,
                                                            num_workers=num_workers, device=device):
         pending_samples.extend(batch_samples)
         pending_vectors.append(vectors)

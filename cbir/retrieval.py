@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cbir.data import IMAGE_EXTENSIONS, Sample, UnreadableImage, load_image
+from cbir.images import IMAGE_EXTENSIONS, Sample, UnreadableImage, load_image
 from cbir.embedding import embed, embedding_search
 from cbir.files import open_folder, write_file
 from cbir.labels import balanced_rounds
@@ -30,7 +31,7 @@ class Retrieval:
     neighbours: list[Neighbour]
 
 
-def search_samples(extractor, database, samples: list[Sample], k: int, *, nprobe=None, batch_size=32,
+def search_samples(extractor, database, samples: list[Sample], k: int, *, nprobe=None, batch_size=None,
                    num_workers=None) -> tuple[list[Retrieval], list[Sample]]:
     """The ``k`` nearest stored images of each readable query; also returns the unreadable queries."""
     database.check_extractor(extractor.describe())
@@ -76,29 +77,42 @@ def read_image_file(path: str, *, follow_link: bool = True):
     return data, image
 
 
-def save_retrieval(retrieval: Retrieval, results_dir: str | Path, *, per_class: bool = False) -> SavedRetrieval:
-    """Copy the query and each neighbour (``<rank>_<class>_<file>``) into ``results_dir`` (into its folder for the
-    query's class with ``per_class``) and draw the figure there.
-
-    Every file is new and private (``0600``), written under a fresh name and renamed into place, inside folders of
-    the user's opened once, so nothing is written through a link planted in a shared results folder. Names too
-    long for the file system are shortened, never dropped. A neighbour whose file moved, vanished, or is not an
-    image any more is not copied and is marked in the figure; ``missing`` says which and why.
-    """
+@contextlib.contextmanager
+def results_folder(results_dir: str | Path, subfolder: str | None = None):
+    """``(descriptor, path)`` of the results folder (or of its ``subfolder``) to write into with
+    ``cbir.files.write_file(..., dir_fd=)``: a folder of the user's (made ``0700`` when missing), opened once, and a
+    subfolder opened without following a link, so nothing is written through a link planted in a shared
+    results folder."""
     results_dir = Path(results_dir)
     results_dir.parent.mkdir(parents=True, exist_ok=True)
     top = open_folder(results_dir, "results folder", own_link=True)
     folder = top
     try:
-        if per_class:
-            name = safe_name(retrieval.query.class_name)
-            folder = open_folder(name, "results folder", dir_fd=top)
-            results_dir = results_dir / name
+        if subfolder is not None:
+            folder = open_folder(subfolder, "results folder", dir_fd=top)
+            results_dir = results_dir / subfolder
+        yield folder, results_dir
+    finally:
+        if folder != top:
+            os.close(folder)
+        os.close(top)
+
+
+def save_retrieval(retrieval: Retrieval, results_dir: str | Path, *, per_class: bool = False) -> SavedRetrieval:
+    """Copy the query and each neighbour (``<rank>_<class>_<file>``) into ``results_dir`` (into its folder for the
+    query's class with ``per_class``) and draw the figure there.
+
+    Every file is new and private (``0600``), written under a fresh name and renamed into place inside a folder of
+    the user's (see :func:`results_folder`). Names too long for the file system are shortened, never dropped. A
+    neighbour whose file moved, vanished, or is not an image any more is not copied and is marked in the figure;
+    ``missing`` says which and why.
+    """
+    query = retrieval.query
+    with results_folder(results_dir, safe_name(query.class_name) if per_class else None) as (folder, where):
         try:
             limit = os.fpathconf(folder, "PC_NAME_MAX")
         except (OSError, ValueError):
             limit = NAME_MAX
-        query = retrieval.query
         data, query_image = read_image_file(query.path)
         write_file(result_name("query", Path(query.path).name, limit=limit), data, dir_fd=folder)
         shown, missing = [], []
@@ -120,11 +134,7 @@ def save_retrieval(retrieval: Retrieval, results_dir: str | Path, *, per_class: 
         figure = io.BytesIO()
         plot_retrieval(query_image, query.class_name, shown, figure, title=title)
         write_file("retrieval.png", figure.getvalue(), dir_fd=folder)
-    finally:
-        if folder != top:
-            os.close(folder)
-        os.close(top)
-    return SavedRetrieval(results_dir / "retrieval.png", missing)
+    return SavedRetrieval(where / "retrieval.png", missing)
 
 
 def one_query_per_class(samples: list[Sample], seed: int = 0) -> list[Sample]:
@@ -132,7 +142,7 @@ def one_query_per_class(samples: list[Sample], seed: int = 0) -> list[Sample]:
     return [samples[i] for i in balanced_rounds([s.class_name for s in samples], seed=seed, rounds=1)]
 
 
-def search_function(extractor, database, k: int, *, nprobe=None, batch_size=32, num_workers=None):
+def search_function(extractor, database, k: int, *, nprobe=None, batch_size=None, num_workers=None):
     """``search(paths)`` for :func:`cbir.evaluation.evaluate`: the ``k`` nearest stored images of each query (see
     :func:`cbir.embedding.embedding_search`)."""
     database.check_extractor(extractor.describe())

@@ -20,7 +20,8 @@ from redis.retry import Retry
 
 from cbir.database import Database, DatabaseError, list_databases
 from cbir.database.server import redis_server_executable
-from redis_processes import live_redis_servers_under, no_server_left_behind, wait_until_serving  # noqa: F401 — autouse fixture
+from redis_processes import (free_port, live_redis_servers_under, no_server_left_behind,  # noqa: F401 — fixtures
+                             redis_url, wait_until_serving)
 
 DIM = 16
 EXTRACTOR_A = {"name": "densenet", "num_features": DIM, "fingerprint": "aaaa1111bbbb2222"}
@@ -83,37 +84,11 @@ def start_child(code: str, home: Path) -> subprocess.Popen:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --- fixtures --------------------------------------------------------------------------------------------------
 @pytest.fixture
 def home(private_home) -> Path:
     """The test's own CBIR_HOME (conftest's private_home), under the name these tests use."""
     return private_home
-
-
-@pytest.fixture
-def redis_url(tmp_path):
-    """A real password-protected redis-server on a loopback TCP port, started and stopped by the test."""
-    folder = tmp_path / "external_redis"
-    folder.mkdir()
-    port = free_port()
-    server = subprocess.Popen(
-        [redis_server_executable(), "--port", str(port), "--bind", "127.0.0.1", "--requirepass", "s3cret-pw",
-         "--save", "", "--appendonly", "no", "--dir", str(folder)],
-        cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    # No retries: redis-py's default backs off for seconds on every refused connection.
-    client = redis.Redis(host="127.0.0.1", port=port, password="s3cret-pw", retry=Retry(NoBackoff(), 0))
-    wait_until_serving(server, client)
-    yield f"redis://:s3cret-pw@127.0.0.1:{port}/0"
-    client.close()
-    server.terminate()
-    server.wait(timeout=10)
 
 
 # --- tests -----------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     import torch
 
     from cbir.classification import classification_accuracy
-    from cbir.data import list_samples
+    from cbir.images import list_samples
     from cbir.evaluation import plot_confusion_matrices, write_excel_sheet
 
     train_samples = list_samples(args.training_data)

@@ -114,10 +114,16 @@ def extractor_args(parser: argparse.ArgumentParser, *, required: bool = False) -
     group.add_argument("--num_features", type=at_least(0), default=None,
                        help="only to check the checkpoint (0: the frozen backbone's own features)")
     group.add_argument("--dr_model", action="store_true", default=None, help="only to check the checkpoint")
-    group.add_argument("--batch_size", type=at_least(1), default=32)
+    group.add_argument("--batch_size", type=at_least(1), default=None,
+                       help="images per forward pass (default: from the hardware, e.g. 16 on 2 CPU cores)")
     group.add_argument("--num_workers", type=at_least(0), default=None,
                        help="image-decoding workers (default: cores - 1)")
     group.add_argument("--gpu_id", type=at_least(0), default=None)
+    group.add_argument("--backend", default=None, choices=["auto", "torch", "onnx"],
+                       help="inference backend (default: the one the database was built with, else auto: ONNX "
+                            "Runtime wherever the model exports, PyTorch otherwise)")
+    group.add_argument("--int8", action="store_true", default=None,
+                       help="the int8 ONNX model written by cbir-export --int8 (default: as the database was built)")
 
 
 def check_extractor_args(args) -> None:
@@ -194,20 +200,29 @@ def names_an_extractor(args) -> bool:
 
 
 def build_extractor(args, recorded: dict | None = None):
-    """The extractor the user named: a checkpoint, the frozen backbone, or the one the database records."""
-    from cbir.models import create_extractor, load_extractor
+    """The encoder (cbir.inference) of the extractor the user named: a checkpoint, the frozen backbone, or the
+    one the database records; on the backend and precision asked for, else those the database was built with."""
+    from cbir.inference import load_encoder
 
-    if args.weights:
-        return load_extractor(args.weights, model=args.extractor, num_features=args.num_features,
-                              dr_model=args.dr_model)
-    if args.extractor and args.num_features == 0:
-        return create_extractor(args.extractor, 0, pretrained=True).eval()
-    if recorded:
-        if recorded.get("weights"):
-            return load_extractor(recorded["weights"], model=args.extractor, num_features=args.num_features)
-        return create_extractor(recorded["name"], 0, pretrained=True).eval()
-    raise CbirError("give --weights CHECKPOINT (from cbir-train), or --extractor NAME --num_features 0 for frozen "
-                    "ImageNet features")
+    recorded = recorded or {}
+    backend = args.backend or recorded.get("backend")
+    int8 = args.int8
+    if int8 is None:  # as the database was built, unless a backend without int8 was asked for
+        int8 = recorded.get("precision") == "int8" and args.backend != "torch"
+    device = f"cuda:{args.gpu_id}" if args.gpu_id is not None else None
+    weights = args.weights or recorded.get("weights")
+    checks = dict(model=args.extractor, num_features=args.num_features,
+                  dr_model=args.dr_model if args.weights else None)
+    if args.weights or not (args.extractor and args.num_features == 0) and weights:
+        return load_encoder(weights, backend=backend, int8=int8, device=device, **checks)
+    name = args.extractor if args.extractor and args.num_features == 0 else recorded.get("name")
+    if not name:
+        raise CbirError("give --weights CHECKPOINT (from cbir-train), or --extractor NAME --num_features 0 for "
+                        "frozen ImageNet features")
+    from cbir.models import create_extractor
+
+    return load_encoder(extractor=create_extractor(name, 0, pretrained=True).eval(), backend=backend, int8=int8,
+                        device=device)
 
 
 def describe_extractor(extractor, weights: str | None) -> dict:

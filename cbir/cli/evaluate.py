@@ -9,6 +9,7 @@ from collections import Counter
 from cbir.cli.common import (at_least, build_extractor, check_extractor_args, check_generalise_args,
                              check_protocol_args, command_parser, database_args, entry_point, extractor_args,
                              generalise_args, protocol_args)
+from cbir.cli.slide_flags import slide_args, tiling_spec
 
 
 def parser() -> argparse.ArgumentParser:
@@ -23,6 +24,9 @@ def parser() -> argparse.ArgumentParser:
     generalise_args(p, cluster_help="image -> cluster labels (cbir-kmeans --out: its cluster_labels.json) for the "
                                     "cluster-level scores; required by --generalise 3; label the query folder too "
                                     "(cbir-kmeans --load partial)")
+    p.add_argument("--slides_depth", type=at_least(1), default=1000,
+                   help="--slides: stored tiles each mosaic tile looks at to rank slides (default 1000)")
+    slide_args(p)
     database_args(p)
     extractor_args(p)
     return p
@@ -45,7 +49,7 @@ def main(argv=None) -> None:
     maps, cluster_labels = check(args)
 
     # Heavy parts (torch, FAISS, pandas) load only now, after the flags are checked: bad flags answer at once.
-    from cbir.data import list_samples
+    from cbir.images import list_samples
     from cbir.database import Database
     from cbir.evaluation import evaluate, plot_confusion_matrices, results_to_request, write_excel_sheet
     from cbir.files import write_text_atomically
@@ -53,6 +57,8 @@ def main(argv=None) -> None:
     from cbir.retrieval import search_function
     from tqdm import tqdm
 
+    if args.slides:
+        return evaluate_slides(args, maps)
     queries = list_samples(args.path)
     if args.generalise in (1, 2):
         # The classes the extractor never saw: the "test" half, the same rule cbir-train and cbir-index use.
@@ -69,7 +75,7 @@ def main(argv=None) -> None:
                 seed=args.seed, repeats=args.repeats, maps=maps, max_queries=args.max_queries,
                 remove_classes=args.remove_classes.split(",") if args.remove_classes else None,
                 project_name=args.project_name, class_name=args.class_name, exclude_same=args.exclude_same,
-                batch_size=max(args.batch_size, 64), bootstrap=args.bootstrap, cluster_labels=cluster_labels,
+                batch_size=512, bootstrap=args.bootstrap, cluster_labels=cluster_labels,
                 db_class_counts=db_class_counts, progress=bar.update,
             )
     print(report.format())
@@ -82,6 +88,25 @@ def main(argv=None) -> None:
             print(f"confusion matrix: {figure}")
     if args.output:
         write_text_atomically(args.output, json.dumps(report.to_dict(), indent=2))
+        print(f"numbers: {args.output}")
+
+
+def evaluate_slides(args, maps) -> None:
+    """--slides: --path lists query slides; tile-level and slide-level numbers, leave-one-slide(patient)-out."""
+    from cbir.database import Database
+    from cbir.files import write_text_atomically
+    from cbir.slides.scoring import evaluate_slides as evaluate
+    from cbir.slides.sources import list_slides
+
+    sources = list_slides(args.path)
+    with Database.open(args.db_name, home=args.home, redis_url=args.redis_url) as db:
+        extractor = build_extractor(args, db.extractor)
+        result = evaluate(extractor, db, sources, tiling_spec(args, db), mpp=args.mpp, measure=args.measure,
+                          maps=maps, depth=args.slides_depth, nprobe=args.nprobe, batch_size=args.batch_size,
+                          num_workers=args.num_workers, bootstrap=args.bootstrap, seed=args.seed)
+    print(result.format())
+    if args.output:
+        write_text_atomically(args.output, json.dumps(result.to_dict(), indent=2))
         print(f"numbers: {args.output}")
 
 

@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     check(args)
 
     # Heavy parts (torch, FAISS, pandas) load only now, after the flags are checked: bad flags answer at once.
-    from cbir.data import Sample, list_images
+    from cbir.images import Sample, list_images
     from cbir.database import Database
     from cbir.kmeans import embeddings_from_database, embeddings_from_folder, pixels_of, run_kmeans
 

@@ -73,9 +73,10 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     written, skipped, squared_error = [], [], 0.0
-    for start in range(0, len(samples), args.batch_size):
+    batch_size = args.batch_size or 32
+    for start in range(0, len(samples), batch_size):
         batch, kept = [], []
-        for sample in samples[start:start + args.batch_size]:
+        for sample in samples[start:start + batch_size]:
             try:
                 batch.append(transform(load_image(sample.path)))
                 kept.append(sample)

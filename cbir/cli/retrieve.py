@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cbir.cli.common import (at_least, build_extractor, check_extractor_args, command_parser, database_args,
                              entry_point, extractor_args)
+from cbir.cli.slide_flags import slide_args, tiling_spec, wants_slides
 from cbir.errors import CbirError
 from cbir.files import check_output_folder
 
@@ -19,6 +20,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--results_dir", default="results", help="where the neighbours and the figure go")
     p.add_argument("--nprobe", type=at_least(1), default=None, help="inverted lists searched (approximate index only)")
     p.add_argument("--seed", type=at_least(0), default=0, help="picks the query of each class in the folder form")
+    p.add_argument("--region", default=None,
+                   help="x,y,w,h in full-resolution pixels: search with this region of the slide --path for similar "
+                        "tiles (without it, a slide query returns similar slides)")
+    slide_args(p)
     database_args(p)
     extractor_args(p)
     return p
@@ -36,11 +41,13 @@ def main(argv=None) -> None:
     check(args)
 
     # Heavy parts (torch, FAISS, pandas) load only now, after the flags are checked: bad flags answer at once.
-    from cbir.data import list_images
+    from cbir.images import list_images
     from cbir.database import Database
     from cbir.naming import printable
     from cbir.retrieval import one_query_per_class, save_retrieval, search_samples
 
+    if wants_slides(args):
+        return retrieve_slide(args)
     path = Path(args.path)
     single = path.is_file()
     queries = list_images(path) if single else one_query_per_class(list_images(path), args.seed)
@@ -66,6 +73,30 @@ def main(argv=None) -> None:
         print(f"{len(missing)} results ({files} files) could not be shown, marked in the figures: their files moved, "
               f"were removed or are no longer images since indexing, e.g. {printable(missing[0][1])}; remove them "
               f"with cbir-db remove, or index their new place", file=sys.stderr)
+
+
+def retrieve_slide(args) -> None:
+    from cbir.database import Database
+    from cbir.slides.retrieval import search_slide
+    from cbir.slides.sources import list_slides
+
+    sources = list_slides(args.path)
+    if len(sources) != 1:
+        raise CbirError(f"--path names {len(sources)} slides; give one slide file to search with")
+    region = None
+    if args.region is not None:
+        try:
+            region = [int(float(v)) for v in args.region.split(",")]
+        except ValueError:
+            region = []
+        if len(region) != 4:
+            raise CbirError(f"--region must be x,y,w,h (full-resolution pixels), got {args.region!r}")
+    with Database.open(args.db_name, home=args.home, redis_url=args.redis_url) as db:
+        extractor = build_extractor(args, db.extractor)
+        result = search_slide(extractor, db, sources[0], tiling_spec(args, db), args.nrt_neigh, region=region,
+                              mpp=args.mpp, nprobe=args.nprobe, batch_size=args.batch_size,
+                              num_workers=args.num_workers, results_dir=args.results_dir)
+    print(result.format())
 
 
 console_script = entry_point(main)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -49,6 +50,8 @@ INDEX_FILE = "faiss.index"
 NAMES_FILE = "names.npz"
 MIN_POINTS_PER_LIST = 39  # FAISS warns below 39 training points per centroid
 _REDIS_FILES = ("redis.db", "appendonly.aof")
+
+log = logging.getLogger(__name__)
 
 
 def default_home() -> Path:
@@ -132,6 +135,24 @@ def _describe_extractor(info: dict) -> str:
     return f"{info.get('name', '?')} (fingerprint {fingerprint[:12]})"
 
 
+def _precision(info: dict | None) -> str:
+    """fp32 for databases built before the backend was recorded (PyTorch, fp32)."""
+    return str((info or {}).get("precision") or "fp32")
+
+
+def _check_precision(name: str, recorded: dict | None, info: dict, *, adding: bool) -> None:
+    """int8 vectors are near, not equal, to float ones (cosine >= 0.99): never mixed in one database, and a
+    query of the other kind is searched with a warning. fp16 and fp32 agree to cosine 0.9999 and mix freely."""
+    if recorded is None or (_precision(recorded) == "int8") == (_precision(info) == "int8"):
+        return
+    built = f"{_precision(recorded)} vectors ({recorded.get('backend') or 'torch'} backend)"
+    given = f"{_precision(info)} ({info.get('backend') or 'torch'})"
+    if adding:
+        raise DatabaseError(f"database '{name}' holds {built}; these are {given}; index with the precision it was "
+                            "built with (leave --backend and --int8 out), --rewrite it, or use another --db_name")
+    log.warning("database '%s' holds %s; these queries are %s: results may differ slightly", name, built, given)
+
+
 def _check_extractor_info(info) -> dict:
     if not isinstance(info, dict):
         raise DatabaseError(f"extractor info must be a dict, got {type(info).__name__}")
@@ -212,6 +233,7 @@ class Database:
         self._dirty = False
         self._names = NameTable()  # id -> (path, class) of the current generation
         self._closed = False
+        self._mirror = True  # keep an in-memory FAISS index in step with our writes (see writes_only)
         # A Database never closed still lets go of Redis when collected or at exit (its FAISS changes are then
         # not saved; they are rebuilt from Redis, which has them).
         self._release = weakref.finalize(self, server.release if server is not None else client.close)
@@ -309,6 +331,7 @@ class Database:
                 f"come from {_describe_extractor(info)}; use {{rewrite}} to rebuild it or another {{db_name}}",
                 "rewrite", "db_name",
             )
+        _check_precision(self.name, recorded, info, adding=True)
 
     @_redis_errors
     def check_extractor(self, info: dict) -> None:
@@ -322,6 +345,7 @@ class Database:
                 f"come from {_describe_extractor(info)}; query it with the extractor it was built with "
                 "(its {weights}) or rebuild it with {rewrite}", "weights", "rewrite",
             )
+        _check_precision(self.name, recorded, info, adding=False)
 
     def _check_dim_of(self, info: dict, *, adding: bool) -> None:
         dim = self._store.snapshot().dim
@@ -341,6 +365,9 @@ class Database:
         snap = self._store.snapshot()
         if snap.uid is None:
             raise DatabaseError(f"database '{self.name}' was dropped by another command")
+        if not self._mirror:
+            self._uid = snap.uid
+            return snap
         if not self._loaded or snap.uid != self._uid or snap.factory != self._factory:
             self._load(snap)
         if snap.version != self._version:
@@ -478,12 +505,15 @@ class Database:
             version, replaced = self._store.add_chunk(
                 self._uid, ids[part], enc_paths[part], enc_classes[part], vectors[part]
             )
-            self._names.put(ids[part], enc_paths[part], enc_classes[part])
+            if self._mirror:
+                self._names.put(ids[part], enc_paths[part], enc_classes[part])
             self._after_write(version, added=(ids[part], vectors[part]), removed=replaced)
         return [id_of_path[p] for p in paths]
 
     def _after_write(self, version: int, *, added=None, removed=None) -> None:
         """Mirror our own write in FAISS; writes of other processes in between are caught up by the log."""
+        if not self._mirror:
+            return
         if removed is not None and len(removed):
             self._remove_from_index(removed)
         if added is not None and len(added[0]):
@@ -498,6 +528,14 @@ class Database:
             self._dirty = True
         if version == self._version + 1:
             self._version = version
+
+    def writes_only(self) -> "Database":
+        """From now on, write to Redis only and keep no FAISS index in this process: for the many workers of a
+        distributed indexing run (cbir.distributed), each of which would otherwise load and follow the whole
+        index. The next process that searches (or calls ``info``) catches the FAISS side up from Redis."""
+        self._mirror = False
+        self._index, self._loaded, self._dirty = None, False, False
+        return self
 
     @_redis_errors
     def lookup(self, ids) -> list[tuple[str, str] | None]:
@@ -526,6 +564,35 @@ class Database:
     def has_paths(self, paths) -> list[bool]:
         """Whether each path is stored, in its resolved form or as given (one round trip)."""
         return [image_id is not None for image_id in self.ids_of_paths(paths)]
+
+    @_redis_errors
+    def set_extra(self, paths, extras: list[dict]) -> None:
+        """Record extra metadata of images (JSON-able dicts: a slide tile's slide, box, mosaic membership).
+
+        Written before the images themselves: a path is never stored without its metadata, and an interrupted
+        run rewrites the same metadata when it adds what is missing.
+        """
+        self._check_open()
+        paths = paths_module.resolve(paths)  # the form add() stores them in
+        self._store.set_extra([encode(p) for p in paths], [encode(json.dumps(e)) for e in extras])
+
+    @_redis_errors
+    def extra(self, paths) -> list[dict | None]:
+        """The extra metadata of each path (one round trip); None where it has none."""
+        forms = [encode(p) for p in paths_module.resolve(paths)]
+        return [json.loads(decode(v)) if v else None for v in self._store.extra_of(forms)]
+
+    @_redis_errors
+    def extras(self, *, one: bool = False) -> dict[str, dict]:
+        """Every stored image's extra metadata by path (with ``one``: any one record, under the key "")."""
+        self._check_open()
+        if one:
+            value = self._store.any_extra()
+            return {"": json.loads(decode(value))} if value else {}
+        raw = self._store.extra_items()
+        # Metadata is written before its image: after a kill some may name images never stored.
+        stored = self._store.ids_of_paths(list(raw))
+        return {decode(p): json.loads(decode(v)) for (p, v), i in zip(raw.items(), stored) if i is not None}
 
     @_redis_errors
     def matching(self, paths) -> list[str]:
@@ -567,6 +634,7 @@ class Database:
         removed_total = 0
         for start in range(0, len(targets), CHUNK):
             version, removed = self._store.remove_paths(self._uid, targets[start : start + CHUNK])
+            self._store.forget_extra(targets[start : start + CHUNK])
             if len(removed):
                 removed_total += len(removed)
                 self._after_write(version, removed=removed)

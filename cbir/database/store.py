@@ -10,6 +10,8 @@ Keys of database ``<name>`` (nothing else is ever touched, so databases and fore
 ``cbir:{<name>}:id``         hash    image path -> id
 ``cbir:{<name>}:class``      hash    id -> class name
 ``cbir:{<name>}:vec``        hash    id -> float32 vector bytes
+``cbir:{<name>}:extra``      hash    image path -> JSON of extra metadata (a slide tile: its slide, level-0 box,
+                                     mosaic membership); written before the image, so never missing for one
 ``cbir:{<name>}:next_id``    string  id counter (ids are never reused: an id's path and class never change)
 ``cbir:{<name>}:version``    string  INCRed by every change of the id set or of the index type
 ``cbir:{<name>}:log``        stream  one entry per change, entry id ``<version>-1``: ids added, ids deleted,
@@ -38,7 +40,7 @@ import redis
 
 DATABASES_KEY = "cbir:databases"
 LEGACY_PREFIX = "cbir:"
-SUFFIXES = ("meta", "id", "path", "class", "vec", "next_id", "version", "log")
+SUFFIXES = ("meta", "id", "path", "class", "vec", "next_id", "version", "log", "extra")
 LOG_MAXLEN = 2000  # log entries kept (one per added chunk): a FAISS copy further behind compares all ids
 CHUNK = 1000  # items per write script: keeps each script short, so the server never blocks long
 
@@ -227,6 +229,7 @@ class RedisStore:
         self.k_next = self.prefix + "next_id"
         self.k_version = self.prefix + "version"
         self.k_log = self.prefix + "log"
+        self.k_extra = self.prefix + "extra"
         self._add = client.register_script(_ADD)
         self._remove = client.register_script(_REMOVE)
         self._set_index = client.register_script(_SET_INDEX)
@@ -335,6 +338,16 @@ class RedisStore:
         version, replaced = self._add(keys=keys, args=args)
         return int(version), _ids_from_bytes(replaced)
 
+    def set_extra(self, paths: list[bytes], values: list[bytes]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for start in range(0, len(paths), CHUNK):
+            pipe.hset(self.k_extra, mapping=dict(zip(paths[start : start + CHUNK], values[start : start + CHUNK])))
+        pipe.execute()
+
+    def forget_extra(self, paths: list[bytes]) -> None:
+        if paths:
+            self.client.hdel(self.k_extra, *paths)
+
     def remove_paths(self, uid: str, paths: list[bytes]):
         """Remove the given stored paths; returns (version or 0 when nothing changed, removed ids)."""
         keys = [self.k_meta, self.k_id, self.k_path, self.k_class, self.k_vec, self.k_version, self.k_log]
@@ -366,6 +379,16 @@ class RedisStore:
         if not paths:
             return []
         return [int(v) if v is not None else None for v in self.client.hmget(self.k_id, paths)]
+
+    def extra_of(self, paths: list[bytes]) -> list[bytes | None]:
+        return self.client.hmget(self.k_extra, paths) if paths else []
+
+    def extra_items(self) -> dict[bytes, bytes]:
+        return dict(self.client.hscan_iter(self.k_extra, count=1000))
+
+    def any_extra(self) -> bytes | None:
+        field = self.client.hrandfield(self.k_extra)
+        return self.client.hget(self.k_extra, field) if field else None
 
     def paths_under(self, folder: bytes) -> list[bytes]:
         """Stored paths inside ``folder`` (which ends with a separator)."""

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from cbir.data import DEFAULT_AUGMENTATION, build_transform
 from cbir.errors import CbirError, ParameterError
 from cbir.files import atomic_path
+from cbir.inference import check_flags
 # Registration order is the order list_models() shows: the thesis's backbones, then the self-trained models.
 from cbir.models import backbones as _backbones  # noqa: F401, I001
 from cbir.models import timm_models as _timm_models  # noqa: F401 — deit and the timm:<name> family
@@ -249,15 +250,7 @@ def load_extractor(
 ) -> Extractor:
     """Rebuild the extractor a checkpoint describes; explicit settings that contradict it are refused."""
     payload = read_checkpoint(path)
-    config = payload["config"]
-    for name, given, stored in (
-        ("model", model, config["model"]),
-        ("num_features", num_features, config["embedding_size"]),
-        ("dr_model", dr_model, bool(config.get("dr_model"))),
-    ):
-        if given is not None and given != stored:
-            raise ParameterError(f"{path} holds a '{config['model']}' extractor with {{{name}}} {stored}, not "
-                                 f"{given}; drop {{{name}}} (the checkpoint carries its own configuration)", name)
+    check_flags(payload["config"], path, model=model, num_features=num_features, dr_model=dr_model)
     return extractor_from_checkpoint(payload)
 
 
