@@ -11,6 +11,7 @@ from tqdm import tqdm
 from cbir.images import Sample
 from cbir.embedding import iter_embeddings
 from cbir.errors import CbirError
+from cbir.naming import printable
 
 
 @dataclass
@@ -29,7 +30,7 @@ class IndexSummary:
             lines.append(f"{self.already_stored} images were already stored and kept as they are")
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} unreadable files:")
-            lines += [f"  {s.path}" for s in self.skipped]
+            lines += [f"  {printable(s.path)}" for s in self.skipped]
         return "\n".join(lines)
 
 

@@ -104,13 +104,14 @@ def _frame(ax, colour: str, width: float = 4) -> None:
         spine.set_linewidth(width)
 
 
-def plot_retrieval(query_image, query_class: str, neighbours: list[tuple], path: str | Path, *, title: str = "") -> Path:
+def plot_retrieval(query_image, query_class: str, neighbours: list[tuple], path, *, title: str = ""):
     """The query beside its neighbours, each titled with rank, class and distance; correct classes framed green,
     others red.
 
-    ``neighbours`` holds (image, class, distance) tuples, best first.
+    ``neighbours`` holds (image, class, distance) tuples, best first; an image None (its file moved or was removed
+    since indexing) gets a grey panel that says so, in its place among the ranks.
     """
-    path = Path(path)
+    path = Path(path) if isinstance(path, (str, Path)) else path  # or a binary file
     columns = min(len(neighbours), 5) or 1
     rows = 1 + (len(neighbours) + columns - 1) // columns
     longest = max([len(query_class)] + [len(c) for _, c, _ in neighbours])
@@ -128,7 +129,12 @@ def plot_retrieval(query_image, query_class: str, neighbours: list[tuple], path:
     hits = 0
     for rank, (image, class_name, distance) in enumerate(neighbours):
         ax = axes[1 + rank // columns][rank % columns]
-        ax.imshow(image)
+        if image is None:
+            ax.set_facecolor("0.9")
+            ax.text(0.5, 0.5, "not shown:\nfile moved\nor removed", ha="center", va="center", fontsize=fontsize,
+                    color="0.3", transform=ax.transAxes)
+        else:
+            ax.imshow(image)
         correct = class_name == query_class
         hits += correct
         colour = HIT_COLOUR if correct else MISS_COLOUR
@@ -138,12 +144,14 @@ def plot_retrieval(query_image, query_class: str, neighbours: list[tuple], path:
         _frame(ax, colour)
     if columns > 1:
         # The key, in the free space of the query's row.
-        axes[0][1].text(0.02, 0.5, f"{hits} of {len(neighbours)} results of the query's class\n\n"
+        missing = sum(image is None for image, _, _ in neighbours)
+        axes[0][1].text(0.02, 0.5, f"{hits} of {len(neighbours)} results of the query's class\n"
+                                   + (f"{missing} not shown: file moved or removed\n" if missing else "") + "\n"
                                    "green frame ✓: same class\nred frame ✗: another class\n"
                                    "distance: squared L2 of unit vectors\n(2 - 2 cos: 0 = identical, 4 = opposite)",
                         fontsize=9, va="center", ha="left", transform=axes[0][1].transAxes)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, format="png")
     return path

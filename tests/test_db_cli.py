@@ -175,14 +175,14 @@ def test_cbir_db_lists_describes_removes_and_drops(home, capsys):
     assert info["index"] == "IVF3,Flat" and info["nprobe"] == 3
 
     # a folder, then a file: gone from Redis and from the search index
-    assert cbir_db(capsys, "remove", "--db_name", "photos", "--path", "/data/b")[1] == \
+    assert cbir_db(capsys, "remove", "--db_name", "photos", "--path", "/data/b", "--yes")[1] == \
         "removed 60 images from 'photos'; 60 images left\n"
-    code, out, _ = cbir_db(capsys, "remove", "--db_name", "photos", "--path", "/data/a/img000.png")
+    code, out, _ = cbir_db(capsys, "remove", "--db_name", "photos", "--path", "/data/a/img000.png", "--yes")
     assert code == 0 and "removed 1 images" in out
     with Database.open("photos") as db:
         found = db.search(vectors, k=59, nprobe=3).paths
         assert {p for row in found for p in row} == {f"/data/a/img{i:03d}.png" for i in range(1, 60)}
-    code, out, err = cbir_db(capsys, "remove", "--db_name", "photos", "--path", "/data/nothing")
+    code, out, err = cbir_db(capsys, "remove", "--db_name", "photos", "--path", "/data/nothing", "--yes")
     assert code == 2 and err.count("\n") == 1 and "no stored image is, or is under, /data/nothing" in err
 
     # drop asks nothing: without --yes it refuses and keeps everything

@@ -74,12 +74,33 @@ non_negative = number(low_open=False)
 
 # ---------------------------------------------------------------------------------------------- shared flags
 
+REDIS_URL_HELP = ("external Redis server: redis://[user@]host:6379/0, rediss:// (TLS) or unix:///path/redis.sock "
+                  "(default: $CBIR_REDIS_URL, else an embedded Redis kept in $CBIR_HOME/<db_name>). A password "
+                  "written here shows in 'ps' to every user of the machine: put the URL in $CBIR_REDIS_URL or in a "
+                  "private file (--redis_url_file) instead")
+
+
+class _UrlFromFile(argparse.Action):
+    """``--redis_url_file FILE``: the URL is read (and the file's mode checked) as the flag is parsed."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        from cbir.database.server import url_from_file
+
+        namespace.redis_url = url_from_file(value)
+
+
+def redis_url_args(parser) -> None:
+    """``--redis_url`` and ``--redis_url_file`` (one or the other)."""
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--redis_url", default=None, help=REDIS_URL_HELP)
+    choice.add_argument("--redis_url_file", action=_UrlFromFile, metavar="FILE",
+                        help="read the Redis URL from FILE, which must be private to you (chmod 600)")
+
+
 def database_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("database")
     group.add_argument("--db_name", default="db", help="database name (its own namespace; default: db)")
-    group.add_argument("--redis_url", default=None,
-                       help="external Redis server, e.g. redis://:password@host:6379/0 (default: $CBIR_REDIS_URL, "
-                            "else an embedded Redis kept in $CBIR_HOME/<db_name>)")
+    redis_url_args(group)
     group.add_argument("--home", default=None, help="where databases live (default: $CBIR_HOME or ./cbir_data)")
 
 

@@ -2,26 +2,27 @@
 
     cbir-db list [--json]
     cbir-db info --db_name NAME [--json]
-    cbir-db remove --db_name NAME --path FILE_OR_FOLDER [--path ...]
+    cbir-db remove --db_name NAME --path FILE_OR_FOLDER [--path ...] [--dry_run | --yes]
     cbir-db drop --db_name NAME --yes
 
-Every sub-command takes --home and --redis_url like the other commands. Nothing asks a question: ``drop`` deletes
-for good and so wants ``--yes`` (without it, it says so and changes nothing); a script can pass it.
+Every sub-command takes --home and --redis_url (or --redis_url_file) like the other commands. What deletes asks
+first: ``remove`` says how many images it would remove and asks at a terminal (elsewhere it refuses), ``drop``
+refuses; ``--yes`` confirms in advance (for scripts), ``remove --dry_run`` lists what would go.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from cbir.cli.common import entry_point
+from cbir.cli.common import entry_point, redis_url_args
 from cbir.errors import CbirError
+from cbir.naming import printable
 
 
 def _where_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis_url", default=None,
-                        help="external Redis server, e.g. redis://:password@host:6379/0 or rediss:// for TLS "
-                             "(default: $CBIR_REDIS_URL, else the embedded Redis of each database in --home)")
+    redis_url_args(parser)
     parser.add_argument("--home", default=None, help="where databases live (default: $CBIR_HOME or ./cbir_data)")
 
 
@@ -42,7 +43,10 @@ def parser() -> argparse.ArgumentParser:
     remove.add_argument("--db_name", default="db", help="database name (default: db)")
     remove.add_argument("--path", action="append", required=True,
                         help="a stored image, or a folder: every stored image under it (repeat for several); "
-                             "matched as stored and in absolute form")
+                             "matched as given, absolute and resolved; an empty path and / are refused")
+    confirm = remove.add_mutually_exclusive_group()
+    confirm.add_argument("--yes", action="store_true", help="remove without asking")
+    confirm.add_argument("--dry_run", action="store_true", help="list the images it would remove; remove nothing")
     _where_args(remove)
 
     drop = commands.add_parser("drop", help="delete a database entirely (its Redis keys, FAISS index and folder)")
@@ -121,19 +125,27 @@ def main(argv=None) -> None:
         return
 
     if args.command == "remove":
-        nothing = []
-        removed = 0
         with Database.open(args.db_name, **where) as db:
-            for path in args.path:
-                count = db.remove([path])
-                removed += count
-                if count == 0:
-                    nothing.append(path)
-            left = len(db)
-        print(f"removed {removed} images from '{args.db_name}'; {left} images left")
+            found = {path: db.matching([path]) for path in args.path}  # refuses "" and / before anything goes
+            targets = sorted({t for matched in found.values() for t in matched})
+            nothing = [printable(path) for path, matched in found.items() if not matched]
+            if args.dry_run:
+                for target in targets:
+                    print(printable(target))
+                print(f"would remove {len(targets)} images from '{args.db_name}' (of {len(db)}); nothing removed")
+            elif targets and not args.yes and not _confirmed(
+                f"remove {len(targets)} of the {len(db)} images of '{args.db_name}'?",
+                refusal=f"remove would remove {len(targets)} of the {len(db)} images of '{args.db_name}'; nothing "
+                        "removed: add --yes to confirm, or --dry_run to list them",
+            ):
+                print("nothing removed")
+                return
+            else:
+                removed = db.remove_stored(targets)
+                print(f"removed {removed} images from '{args.db_name}'; {len(db)} images left")
         if nothing:
             raise CbirError(f"no stored image is, or is under, {', '.join(nothing)} in '{args.db_name}' "
-                            "(paths are matched as they were indexed, or in absolute form)")
+                            "(paths are matched as given, absolute and resolved)")
         return
 
     if args.command == "drop":
@@ -147,6 +159,14 @@ def main(argv=None) -> None:
         finally:
             db.close()  # a no-op after a drop
         print(f"dropped database '{args.db_name}' ({count} images)")
+
+
+def _confirmed(question: str, *, refusal: str) -> bool:
+    """The user's answer at a terminal; where no one can answer (a script, a pipe), the error ``refusal``."""
+    if not sys.stdin.isatty():
+        raise CbirError(refusal)
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 console_script = entry_point(main)

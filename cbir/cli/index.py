@@ -21,6 +21,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=at_least(1), default=512,
                    help="images embedded before each database write (default: 512); a killed run loses at most "
                         "this many, and re-running adds only what is missing")
+    p.add_argument("--shared_group", action="store_true",
+                   help="share the database folder with its group (2770, files 0660) instead of keeping it private "
+                        "to you (0700, files 0600); see SECURITY.md")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="embed on Ray workers (one per GPU, else one per node): alone, Ray on this machine; with the "
                         "ADDRESS of a running cluster, its nodes (then --redis_url must name a Redis they all reach)")
@@ -72,7 +75,8 @@ def main(argv=None) -> None:
             samples = restrict_samples(samples, "test", args.generalise, seed=args.split_seed,
                                        split_file=args.split_file)
     extractor = build_extractor(args) if names_an_extractor(args) else None
-    with Database.open(args.db_name, home=args.home, redis_url=args.redis_url, create=True) as db:
+    with Database.open(args.db_name, home=args.home, redis_url=args.redis_url, create=True,
+                       shared_group=args.shared_group) as db:
         extractor = extractor or build_extractor(args, db.extractor)
         info = describe_extractor(extractor, args.weights or (db.extractor or {}).get("weights"))
         try:

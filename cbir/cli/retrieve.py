@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from cbir.cli.common import (at_least, build_extractor, check_extractor_args, command_parser, database_args,
@@ -42,7 +43,8 @@ def main(argv=None) -> None:
     # Heavy parts (torch, FAISS, pandas) load only now, after the flags are checked: bad flags answer at once.
     from cbir.images import list_images
     from cbir.database import Database
-    from cbir.retrieval import one_query_per_class, safe_name, save_retrieval, search_samples
+    from cbir.naming import printable
+    from cbir.retrieval import one_query_per_class, save_retrieval, search_samples
 
     if wants_slides(args):
         return retrieve_slide(args)
@@ -55,17 +57,22 @@ def main(argv=None) -> None:
                                                 batch_size=args.batch_size, num_workers=args.num_workers)
     if single and unreadable:
         raise CbirError(f"query {path} is not a readable image")
-    results_dir = Path(args.results_dir)
+    missing = []
     for retrieval in retrievals:
-        out_dir = results_dir if single else results_dir / safe_name(retrieval.query.class_name)
-        figure = save_retrieval(retrieval, out_dir)
-        print(f"query {retrieval.query.path} ({retrieval.query.class_name}):")
+        saved = save_retrieval(retrieval, args.results_dir, per_class=not single)
+        missing += saved.missing
+        print(f"query {printable(retrieval.query.path)} ({printable(retrieval.query.class_name)}):")
         for n in retrieval.neighbours:
             mark = "+" if n.class_name == retrieval.query.class_name else " "
-            print(f"  {mark}{n.rank:>3}  {n.distance:.4f}  {n.class_name:<24} {n.path}")
-        print(f"  figure: {figure}")
+            print(f"  {mark}{n.rank:>3}  {n.distance:.4f}  {printable(n.class_name):<24} {printable(n.path)}")
+        print(f"  figure: {printable(saved.figure)}")
     for sample in unreadable:
-        print(f"skipped unreadable query {sample.path}")
+        print(f"skipped unreadable query {printable(sample.path)}")
+    if missing:
+        files = len({n.path for n, _ in missing})
+        print(f"{len(missing)} results ({files} files) could not be shown, marked in the figures: their files moved, "
+              f"were removed or are no longer images since indexing, e.g. {printable(missing[0][1])}; remove them "
+              f"with cbir-db remove, or index their new place", file=sys.stderr)
 
 
 def retrieve_slide(args) -> None:

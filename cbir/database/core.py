@@ -34,9 +34,13 @@ from pathlib import Path
 import numpy as np
 import redis
 
+from cbir.errors import CbirError
+from cbir.files import file_mode, locked, prepare_folder
+
+from . import paths as paths_module
 from . import store as store_module
 from .errors import DatabaseError
-from .index import EXACT, VectorIndex, file_lock
+from .index import EXACT, VectorIndex
 from .names import NameTable
 from .server import CONNECTION_ERRORS, EmbeddedServer, connect_url, redact_url
 from .store import CHUNK, RedisStore, Snapshot, decode, encode
@@ -69,6 +73,18 @@ def _check_name(name) -> str:
             f"invalid database name {name!r}: use letters, digits, '_', '.' and '-' only (it becomes a folder name)"
         )
     return name
+
+
+def _prepare(folder: Path, shared_group: bool = False) -> bool:
+    """Create or check a database folder (``cbir.files.prepare_folder``); True when group-shared."""
+    try:
+        return prepare_folder(folder, shared_group=shared_group, what="database folder")
+    except DatabaseError:
+        raise
+    except CbirError as error:
+        raise DatabaseError(str(error)) from None
+    except OSError as error:
+        raise DatabaseError(f"cannot use folder {folder}: {error.strerror or error}") from None
 
 
 def _embedded_exists(folder: Path) -> bool:
@@ -196,9 +212,12 @@ class SearchResult:
 class Database:
     """A named image database: Redis (ids, paths, classes, vectors, extractor) + FAISS (the search index)."""
 
-    def __init__(self, name: str, folder: Path, client: redis.Redis, server: EmbeddedServer | None, where: str):
+    def __init__(self, name: str, folder: Path, client: redis.Redis, server: EmbeddedServer | None, where: str,
+                 *, shared_group: bool | None = None):
         self.name = name
         self.folder = folder
+        # None: the folder is checked (or made private) when first written; it does not exist yet.
+        self._shared_group = shared_group
         self.index_path = folder / INDEX_FILE
         self.names_path = folder / NAMES_FILE
         self._client = client
@@ -221,18 +240,23 @@ class Database:
 
     # --- opening -------------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, name: str, *, home=None, redis_url: str | None = None, create: bool = False) -> "Database":
+    def open(cls, name: str, *, home=None, redis_url: str | None = None, create: bool = False,
+             shared_group: bool = False) -> "Database":
         """Open database ``name``; ``create=True`` makes it when missing.
 
         Without ``redis_url`` (nor ``$CBIR_REDIS_URL``), an embedded Redis keeps the data in
         ``<home>/<name>/``, started on first use and shared by every process that opens the database.
-        The FAISS index file is in ``<home>/<name>/`` in every case.
+        The FAISS index file is in ``<home>/<name>/`` in every case. That folder and its files are private to
+        the user (``0700``/``0600``); ``shared_group=True`` shares them with the folder's group (``2770``/``0660``)
+        and a folder once shared stays so (see ``cbir.files``).
         """
         _check_name(name)
         home = _resolve_home(home)
         folder = home / name
         url = _resolve_url(redis_url)
         if url is not None:
+            # The folder holds only the FAISS files here: checked now when it exists, else made on first save.
+            shared = _prepare(folder, shared_group) if shared_group or os.path.lexists(folder) else None
             client = connect_url(url)
             where = f"Redis at {redact_url(url)}"
             try:
@@ -242,29 +266,32 @@ class Database:
                     if not create:
                         raise _unknown(name, store.known_databases())
                     store.create()
+                paths_module.migrate(store)
             except CONNECTION_ERRORS as error:
                 client.close()
                 raise DatabaseError(f"lost the connection to {where}: {error}") from None
             except DatabaseError:
                 client.close()
                 raise
-            return cls(name, folder, client, None, where)
+            return cls(name, folder, client, None, where, shared_group=shared)
 
         if not _embedded_exists(folder) and not create:
             raise _unknown(name, _embedded_names(home))
-        server = EmbeddedServer(folder, name)
+        shared = _prepare(folder, shared_group)
+        server = EmbeddedServer(folder, name, shared_group=shared)
         client = server.connect()
         try:
             store = RedisStore(client, name)
             store.migrate_legacy()
             if not store.exists():
                 store.create()
+            paths_module.migrate(store)
         except (DatabaseError, *CONNECTION_ERRORS) as error:
             server.release()
             if isinstance(error, DatabaseError):
                 raise
             raise DatabaseError(f"lost the connection to the embedded Redis of '{name}': {error}") from None
-        return cls(name, folder, client, server, server.describe())
+        return cls(name, folder, client, server, server.describe(), shared_group=shared)
 
     def __enter__(self) -> "Database":
         return self
@@ -443,8 +470,12 @@ class Database:
     # --- writing -------------------------------------------------------------------------------------------
     @_redis_errors
     def add(self, paths: list[str], classes: list[str], vectors: np.ndarray) -> list[int]:
-        """Store images with their classes and vectors; a path already stored is replaced. Returns the ids."""
-        paths = [str(p) for p in paths]
+        """Store images with their classes and vectors; a path already stored is replaced. Returns the ids.
+
+        Paths are stored resolved (absolute, links resolved: ``cbir.database.paths``), so one file is one image
+        however it was named.
+        """
+        paths = paths_module.resolve(paths)
         classes = [str(c) for c in classes]
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2:
@@ -514,9 +545,14 @@ class Database:
 
     @_redis_errors
     def ids_of_paths(self, paths) -> list[int | None]:
-        """The id of each stored path, None for a path not stored (one round trip)."""
+        """The id of each path, stored in its resolved form or as given; None for a path not stored (one round
+        trip)."""
         self._check_open()
-        return self._store.ids_of_paths([encode(str(p)) for p in paths])
+        given = [os.fspath(p) for p in paths]
+        forms = [encode(p) for p in paths_module.resolve(given)] + [encode(p) for p in given]
+        found = self._store.ids_of_paths(forms)
+        return [resolved if resolved is not None else as_given
+                for resolved, as_given in zip(found[: len(given)], found[len(given) :])]
 
     @property
     @_redis_errors
@@ -525,10 +561,9 @@ class Database:
         snap = self._store.snapshot()
         return snap.uid, snap.version
 
-    @_redis_errors
     def has_paths(self, paths) -> list[bool]:
-        """Whether each path is stored (one round trip)."""
-        return [image_id is not None for image_id in self._store.ids_of_paths([encode(str(p)) for p in paths])]
+        """Whether each path is stored, in its resolved form or as given (one round trip)."""
+        return [image_id is not None for image_id in self.ids_of_paths(paths)]
 
     @_redis_errors
     def set_extra(self, paths, extras: list[dict]) -> None:
@@ -538,12 +573,14 @@ class Database:
         run rewrites the same metadata when it adds what is missing.
         """
         self._check_open()
-        self._store.set_extra([encode(str(p)) for p in paths], [encode(json.dumps(e)) for e in extras])
+        paths = paths_module.resolve(paths)  # the form add() stores them in
+        self._store.set_extra([encode(p) for p in paths], [encode(json.dumps(e)) for e in extras])
 
     @_redis_errors
     def extra(self, paths) -> list[dict | None]:
         """The extra metadata of each path (one round trip); None where it has none."""
-        return [json.loads(decode(v)) if v else None for v in self._store.extra_of([encode(str(p)) for p in paths])]
+        forms = [encode(p) for p in paths_module.resolve(paths)]
+        return [json.loads(decode(v)) if v else None for v in self._store.extra_of(forms)]
 
     @_redis_errors
     def extras(self, *, one: bool = False) -> dict[str, dict]:
@@ -558,27 +595,46 @@ class Database:
         return {decode(p): json.loads(decode(v)) for (p, v), i in zip(raw.items(), stored) if i is not None}
 
     @_redis_errors
-    def remove(self, paths: list[str]) -> int:
-        """Remove images by path; a folder removes every stored path under it. Returns how many were removed.
+    def matching(self, paths) -> list[str]:
+        """The stored paths that ``remove(paths)`` would remove, sorted.
 
-        A path matches as given and in its absolute form.
+        A path matches as given, absolute and resolved; a folder matches every stored path under it. An empty path
+        and the root folder are refused: they would match everything (an unset shell variable must not empty a
+        database).
         """
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
-        self._sync()
+        self._check_open()
         forms: list[bytes] = []
         for path in paths:
             path = os.fspath(path)
-            forms += [encode(path.rstrip("/") or "/"), encode(os.path.abspath(path))]
+            if not path.strip():
+                raise DatabaseError("refusing an empty path: it would match every stored image; name a file or folder")
+            candidates = [path.rstrip("/") or "/", os.path.abspath(path), paths_module.resolve([path])[0]]
+            if any(c.strip("/") == "" for c in candidates):
+                raise DatabaseError(f"refusing {path!r}: it is the root folder and would match every stored image "
+                                    "with an absolute path; name the folder to remove")
+            forms += [encode(c) for c in candidates]
         forms = list(dict.fromkeys(forms))
         targets = {form for form, i in zip(forms, self._store.ids_of_paths(forms)) if i is not None}
         for form in forms:
-            targets.update(self._store.paths_under(form if form.endswith(b"/") else form + b"/"))
+            targets.update(self._store.paths_under(form + b"/"))
+        return sorted(decode(t) for t in targets)
+
+    def remove(self, paths) -> int:
+        """Remove images by path; a folder removes every stored path under it (see ``matching``). Returns how many
+        were removed."""
+        return self.remove_stored(self.matching(paths))
+
+    @_redis_errors
+    def remove_stored(self, stored_paths) -> int:
+        """Remove the images stored under exactly these paths (as ``matching`` gives them); returns how many."""
+        targets = [encode(t) for t in stored_paths]
+        self._sync()
         removed_total = 0
-        ordered = sorted(targets)
-        for start in range(0, len(ordered), CHUNK):
-            version, removed = self._store.remove_paths(self._uid, ordered[start : start + CHUNK])
-            self._store.forget_extra(ordered[start : start + CHUNK])
+        for start in range(0, len(targets), CHUNK):
+            version, removed = self._store.remove_paths(self._uid, targets[start : start + CHUNK])
+            self._store.forget_extra(targets[start : start + CHUNK])
             if len(removed):
                 removed_total += len(removed)
                 self._after_write(version, removed=removed)
@@ -783,12 +839,19 @@ class Database:
         self._check_open()
         self._save()
 
+    def _own_folder(self) -> int:
+        """The mode of the files to write in the database folder, making or checking the folder first."""
+        if self._shared_group is None:
+            self._shared_group = _prepare(self.folder)
+        return file_mode(self._shared_group)
+
     def _save(self) -> None:
         self._save_names()
         if not self._dirty or self._index is None or self._uid is None:
             return
+        mode = self._own_folder()
         try:
-            with file_lock(self.folder / "faiss.lock"):
+            with locked(self.folder / "faiss.lock", f"the FAISS index of '{self.name}'", mode=mode):
                 on_disk = VectorIndex.read_state(self.index_path)
                 if not (
                     on_disk
@@ -797,7 +860,11 @@ class Database:
                     and int(on_disk.get("version", -1)) > self._version
                 ):
                     state = {"uid": self._uid, "version": self._version, "database": self.name}
-                    self._index.save(self.index_path, state)
+                    self._index.save(self.index_path, state, mode=mode)
+        except DatabaseError:
+            raise
+        except CbirError as error:
+            raise DatabaseError(f"could not save the FAISS index to {self.index_path}: {error}") from None
         except OSError as error:
             raise DatabaseError(
                 f"could not save the FAISS index to {self.index_path}: {error.strerror or error}; "
@@ -812,11 +879,12 @@ class Database:
         if not names.dirty or names.uid is None or names.uid != self._uid:
             return
         try:
-            with file_lock(self.folder / "names.lock"):
+            mode = self._own_folder()
+            with locked(self.folder / "names.lock", f"the name table of '{self.name}'", mode=mode):
                 if NameTable.saved_count(self.names_path, names.uid) < len(names):
-                    names.save(self.names_path)
+                    names.save(self.names_path, mode=mode)
                 names.dirty = False
-        except OSError:
+        except (OSError, CbirError):
             pass  # only a speed-up: the next process reads the missing names from Redis
 
     def close(self) -> None:

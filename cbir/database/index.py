@@ -9,13 +9,11 @@ on every GPU (``index_cpu_to_all_gpus``); the CPU index stays the one that is ch
 is made again after a change. ``CBIR_FAISS_GPU=0`` turns this off. Untested here: the project runs faiss-cpu.
 
 The index file holds a small JSON header (which database generation and which change of the log the index
-reflects) followed by the FAISS index, and is replaced atomically (temporary file, fsync, ``os.replace``).
+reflects) followed by the FAISS index, and is replaced atomically (a new private file, fsync, ``os.replace``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -24,6 +22,8 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+
+from cbir.files import PRIVATE_FILE, replacing
 
 from .errors import DatabaseError
 
@@ -180,27 +180,12 @@ class VectorIndex:
         return self._gpu
 
     # --- files ---------------------------------------------------------------------------------------------
-    def save(self, path: Path, state: dict) -> None:
-        """Write header + index to a temporary file, fsync it, and move it over ``path`` atomically."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def save(self, path: Path, state: dict, *, mode: int = PRIVATE_FILE) -> None:
+        """Write header + index to a new file (``mode``), fsync it, and move it over ``path`` atomically."""
         header = json.dumps({**state, "factory": self.factory, "ntotal": self.ntotal}).encode()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(MAGIC + struct.pack("<I", len(header)) + header)
-                faiss.write_index(self.index, faiss.PyCallbackIOWriter(handle.write))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        with contextlib.suppress(OSError):  # make the rename itself durable
-            directory = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+        with replacing(path, mode=mode, durable=True) as handle:
+            handle.write(MAGIC + struct.pack("<I", len(header)) + header)
+            faiss.write_index(self.index, faiss.PyCallbackIOWriter(handle.write))
 
     @staticmethod
     def read_state(path: Path) -> dict | None:
@@ -228,15 +213,3 @@ def _read_header(handle) -> dict:
         raise ValueError("not a cbir index file")
     (size,) = struct.unpack("<I", handle.read(4))
     return json.loads(handle.read(size))
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive lock held while the index file is compared and replaced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -13,17 +13,18 @@ Memory: an index by id (8 bytes per id ever given out) and the UTF-8 bytes of pa
 
 from __future__ import annotations
 
-import contextlib
-import os
 import zipfile
 from array import array
 from pathlib import Path
 
 import numpy as np
 
+from cbir.files import PRIVATE_FILE, replacing
+
 from .store import encode
 
-FORMAT = "cbir-names-1"
+# 2: paths stored in one normal form (cbir.database.paths); tables of version 1 may hold the paths as given.
+FORMAT = "cbir-names-2"
 
 
 class NameTable:
@@ -82,23 +83,17 @@ class NameTable:
         }
 
     # --- file ----------------------------------------------------------------------------------------------
-    def save(self, path: Path) -> None:
-        """Write atomically (temporary file, then rename); any copy of this generation is valid to load."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as handle:
-                np.savez(
-                    handle,
-                    format=np.array(FORMAT),
-                    uid=np.array(self.uid or ""),
-                    row=self._row,
-                    offsets=np.frombuffer(self._offsets, dtype=np.int64).copy(),
-                    blob=np.frombuffer(bytes(self._blob), dtype=np.uint8),
-                )
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+    def save(self, path: Path, *, mode: int = PRIVATE_FILE) -> None:
+        """Write atomically (a new file of ``mode``, then rename); any copy of this generation is valid to load."""
+        with replacing(path, mode=mode) as handle:
+            np.savez(
+                handle,
+                format=np.array(FORMAT),
+                uid=np.array(self.uid or ""),
+                row=self._row,
+                offsets=np.frombuffer(self._offsets, dtype=np.int64).copy(),
+                blob=np.frombuffer(bytes(self._blob), dtype=np.uint8),
+            )
         self.dirty = False
 
     @staticmethod

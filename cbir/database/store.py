@@ -4,7 +4,8 @@ Keys of database ``<name>`` (nothing else is ever touched, so databases and fore
 
 ===========================  ======  ==============================================================
 ``cbir:{<name>}:meta``       hash    uid (changes when the database is emptied), extractor (JSON),
-                                     dim, index (FAISS factory string), nprobe, created
+                                     dim, index (FAISS factory string), nprobe, created, paths
+                                     ("resolved": every path is in the normal form of ``paths.py``)
 ``cbir:{<name>}:path``       hash    id -> image path
 ``cbir:{<name>}:id``         hash    image path -> id
 ``cbir:{<name>}:class``      hash    id -> class name
@@ -115,20 +116,18 @@ redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[2], version .. '-1',
 return {version, replaced}
 """
 
-# KEYS: meta id path class vec version log
-# ARGV: uid, log maxlen, then paths
-_REMOVE = _CHECK_UID + """
+# Scripts that remove ids (KEYS: meta id path class vec version log; ARGV: uid, log maxlen, ...) call forget(id)
+# for each, after taking its path out of the id hash themselves; the end logs them as one change.
+_FORGET = """
 local removed = {}
-for i = 3, #ARGV do
-  local id = redis.call('HGET', KEYS[2], ARGV[i])
-  if id then
-    redis.call('HDEL', KEYS[2], ARGV[i])
-    redis.call('HDEL', KEYS[3], id)
-    redis.call('HDEL', KEYS[4], id)
-    redis.call('HDEL', KEYS[5], id)
-    removed[#removed + 1] = id
-  end
+local function forget(id)
+  redis.call('HDEL', KEYS[3], id)
+  redis.call('HDEL', KEYS[4], id)
+  redis.call('HDEL', KEYS[5], id)
+  removed[#removed + 1] = id
 end
+"""
+_LOG_REMOVED = """
 local version = 0
 if #removed > 0 then
   version = redis.call('INCR', KEYS[6])
@@ -137,6 +136,40 @@ if #removed > 0 then
 end
 return {version, removed}
 """
+
+# ARGV: uid, log maxlen, then paths
+_REMOVE = _CHECK_UID + _FORGET + """
+for i = 3, #ARGV do
+  local id = redis.call('HGET', KEYS[2], ARGV[i])
+  if id then
+    redis.call('HDEL', KEYS[2], ARGV[i])
+    forget(id)
+  end
+end
+""" + _LOG_REMOVED
+
+# ARGV: uid, log maxlen, then triples: id, stored path, its normal form. Two paths of one file keep the later id.
+_RENAME = _CHECK_UID + _FORGET + """
+for i = 3, #ARGV, 3 do
+  local id, old, new = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if redis.call('HGET', KEYS[2], old) == id then
+    redis.call('HDEL', KEYS[2], old)
+    local other = redis.call('HGET', KEYS[2], new)
+    if other == id then
+      other = nil
+    end
+    if other and tonumber(other) > tonumber(id) then
+      forget(id)
+    else
+      if other then
+        forget(other)
+      end
+      redis.call('HSET', KEYS[2], new, id)
+      redis.call('HSET', KEYS[3], id, new)
+    end
+  end
+end
+""" + _LOG_REMOVED
 
 # KEYS: meta version log ; ARGV: uid, log maxlen, factory, nprobe
 _SET_INDEX = _CHECK_UID + """
@@ -200,6 +233,7 @@ class RedisStore:
         self._add = client.register_script(_ADD)
         self._remove = client.register_script(_REMOVE)
         self._set_index = client.register_script(_SET_INDEX)
+        self._rename = client.register_script(_RENAME)
         self._migrate = client.register_script(_MIGRATE)
 
     # --- the database itself -------------------------------------------------------------------------------
@@ -213,6 +247,7 @@ class RedisStore:
         pipe.hsetnx(self.k_meta, "index", "Flat")
         pipe.hsetnx(self.k_meta, "nprobe", 0)
         pipe.hsetnx(self.k_meta, "created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        pipe.hsetnx(self.k_meta, "paths", "resolved")
         pipe.execute()
         # Not in the transaction above: the list of names lies in another hash slot. Listed after the database
         # exists, so a name in the list always has a database behind it (unless dropped meanwhile).
@@ -251,6 +286,13 @@ class RedisStore:
     # --- metadata ------------------------------------------------------------------------------------------
     def meta(self) -> dict[str, str]:
         return {decode(k): decode(v) for k, v in self.client.hgetall(self.k_meta).items()}
+
+    def meta_field(self, field: str) -> str | None:
+        value = self.client.hget(self.k_meta, field)
+        return decode(value) if value is not None else None
+
+    def set_meta_field(self, field: str, value: str) -> None:
+        self.client.hset(self.k_meta, field, value)
 
     def snapshot(self) -> Snapshot:
         pipe = self.client.pipeline(transaction=True)
@@ -310,6 +352,15 @@ class RedisStore:
         """Remove the given stored paths; returns (version or 0 when nothing changed, removed ids)."""
         keys = [self.k_meta, self.k_id, self.k_path, self.k_class, self.k_vec, self.k_version, self.k_log]
         version, removed = self._remove(keys=keys, args=[uid, LOG_MAXLEN, *paths])
+        return int(version), _ids_from_bytes(removed)
+
+    def rename_paths(self, uid: str, renames: list[tuple[int, bytes, bytes]]):
+        """Store paths under new names (id, old, new); returns (version or 0, ids removed as duplicates)."""
+        args: list = [uid, LOG_MAXLEN]
+        for image_id, old, new in renames:
+            args += [image_id, old, new]
+        keys = [self.k_meta, self.k_id, self.k_path, self.k_class, self.k_vec, self.k_version, self.k_log]
+        version, removed = self._rename(keys=keys, args=args)
         return int(version), _ids_from_bytes(removed)
 
     # --- reads ---------------------------------------------------------------------------------------------

@@ -56,7 +56,8 @@ class GroupExclusion:
 
 
 def _norm_path(path: str) -> str:
-    return os.path.normcase(os.path.abspath(os.fspath(path)))
+    # Links resolved, as the database stores paths: a query reached through a linked folder is still itself.
+    return os.path.normcase(os.path.realpath(os.fspath(path)))
 
 
 def filter_results(query_path: str, paths: Sequence[str], classes: Sequence[str],

@@ -27,7 +27,7 @@ from cbir.database import Database, DatabaseError, list_databases
 from cbir.embedding import pick_device
 from cbir.errors import CbirError
 from cbir.models import create_extractor, load_extractor
-from cbir.retrieval import safe_name
+from cbir.naming import safe_name
 
 from .config import ServeConfig
 from .errors import BadInput, Conflict, NotFound, status_of

@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cbir.indexing import index_images
-from cbir.retrieval import safe_name
+from cbir.naming import safe_name
 from cbir.slides.reader import SlideError
 from cbir.slides.tiling import SlideSource, TilingSpec, tile_slide
 from cbir.slides.tissue import save_mask

@@ -3,10 +3,13 @@ printed answer and the figure."""
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 from cbir.errors import CbirError
+from cbir.files import write_file
+from cbir.retrieval import results_folder
 from cbir.slides.figures import plot_slide_search
 from cbir.slides.reader import SlideError, open_slide
 from cbir.slides.search import SlideHit, TileHit, query_vectors, rank_slides, same_slide, search_tiles
@@ -93,7 +96,6 @@ def search_slide(extractor, database, source: SlideSource, spec: TilingSpec, k: 
 
 
 def draw(result: SlideQueryResult, database, results_dir: Path, mpp: float | None) -> Path:
-    results_dir.mkdir(parents=True, exist_ok=True)
     query = result.query
     query_thumbnail = _thumbnail(str(Path(query.path).resolve()), mpp)
     query_images = [tile.load() for tile in result.query_tiles[:16]]
@@ -119,8 +121,12 @@ def draw(result: SlideQueryResult, database, results_dir: Path, mpp: float | Non
                 "title": f"{hit.rank}. {hit.class_name}\n{Path(hit.slide).name}\nscore {hit.score:.3f}",
             })
         title = f"slide {Path(query.path).name} ({query.class_name}): {len(result.slides)} nearest slides"
-    return plot_slide_search(query_images, query_thumbnail, boxes, f"{Path(query.path).name}\n{query.class_name}",
-                             panels, results_dir / "slide_search.png", title=title)
+    figure = io.BytesIO()
+    plot_slide_search(query_images, query_thumbnail, boxes, f"{Path(query.path).name}\n{query.class_name}",
+                      panels, figure, title=title)
+    with results_folder(results_dir) as (folder, where):  # never written through a planted link (SECURITY.md)
+        write_file("slide_search.png", figure.getvalue(), dir_fd=folder)
+    return where / "slide_search.png"
 
 
 def _tile_image(hit: TileHit, extra: dict):
