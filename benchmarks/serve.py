@@ -6,8 +6,8 @@
 One run, one machine, side by side:
 
 1. latency of one search: an HTTP request to a running ``cbir-serve`` (a separate process: multipart upload, JSON
-   answer) against the same work done in-process with the bare library (decode the same bytes with Pillow, the
-   extractor's own transform, one forward pass, ``Database.search``). The two alternate query by query, so load on
+   answer) against the same work done in-process with the bare library (decode the same bytes with Pillow, resize,
+   one forward pass of the same encoder -- the backend and precision the database records -- ``Database.search``). The two alternate query by query, so load on
    a shared machine hits both alike. Printed: p50 / p99 of each and their ratio (goal: <= 1.25 at p50).
 2. queries/s with 1, 4 and 16 clients sending searches at once (each client its own keep-alive connection).
 3. what a user pays today: ``cbir-retrieve`` for one image, end to end (a new process: imports, checkpoint, Redis,
@@ -87,24 +87,20 @@ def start_server(home: Path, weights: Path) -> tuple[subprocess.Popen, str]:
 
 
 def in_process_search(weights: Path, home: Path):
-    """The bare library: the same bytes decoded, transformed, embedded and searched, with no service around."""
-    import torch
-
-    from cbir.data import load_image
+    """The bare library: the same bytes decoded, resized, embedded by the same encoder (ONNX Runtime unless the
+    database says otherwise) and searched, with no service around."""
     from cbir.database import Database
-    from cbir.models import load_extractor
+    from cbir.images import load_image, prepare
+    from cbir.inference import recorded_encoder
 
-    extractor = load_extractor(weights)
-    transform = extractor.transform(train=False)
     db = Database.open("bench", home=home)
+    encoder = recorded_encoder(db.extractor, weights=weights)
 
     def search(data: bytes, k: int):
         image = load_image(io.BytesIO(data))
-        with torch.inference_mode():
-            vector = extractor(transform(image)[None]).numpy()
-        return db.search(vector, k)
+        return db.search(encoder(prepare(image, encoder.input_size)[None]), k)
 
-    return search, db
+    return search, db, encoder.describe()
 
 
 def http_search(client, url: str, name: str, data: bytes, k: int):
@@ -152,20 +148,19 @@ def main() -> None:
     args = parser.parse_args()
 
     import httpx
-    import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
     work = Path(tempfile.mkdtemp(prefix="cbir-bench-serve-"))
     weights, home, queries = build(args, work)
     payloads = [(p.name, p.read_bytes()) for p in queries]
-    print(f"{platform.node()}: {os.cpu_count()} cores, torch {torch.__version__}, {args.model} at {args.input_size} px, "
-          f"database of {len(list((args.data / 'index').rglob('*.*')))} images, {len(payloads)} distinct queries, "
-          f"k {args.k}", flush=True)
+    print(f"{platform.node()}: {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, {args.model} at "
+          f"{args.input_size} px, database of {len(list((args.data / 'index').rglob('*.*')))} images, "
+          f"{len(payloads)} distinct queries, k {args.k}", flush=True)
 
     cold = retrieve_cold(weights, home, queries[0], work, args.retrieve_repeats)
     process, url = start_server(home, weights)
     try:
-        search_local, db = in_process_search(weights, home)
+        search_local, db, encoder = in_process_search(weights, home)
+        print(f"both sides embed with backend {encoder['backend']} {encoder['precision']}", flush=True)
         with httpx.Client(timeout=300) as client:
             for name, data in payloads[:5]:  # warm both paths
                 http_search(client, url, name, data, args.k)
@@ -198,7 +193,7 @@ def main() -> None:
         "cbir_retrieve_s": cold,
         "retrieve_vs_http": statistics.median(cold) / one_http,
         "setup": {"model": args.model, "input_size": args.input_size, "queries": args.queries, "k": args.k,
-                  "cores": os.cpu_count()},
+                  "cores": os.cpu_count(), "backend": encoder["backend"], "precision": encoder["precision"]},
     }
     print("\n| measure | in-process (bare library) | HTTP (cbir-serve) | ratio |\n|---|---|---|---|")
     print(f"| one search, p50 | {results['in_process_ms']['p50']:.1f} ms | {results['http_ms']['p50']:.1f} ms | "

@@ -253,6 +253,31 @@ def load_encoder(weights: str | os.PathLike | None = None, *, backend: str | Non
     return OnnxEncoder(session, metadata, weights=weights)
 
 
+def recorded_encoder(recorded: dict | None, *, weights: str | os.PathLike | None = None, frozen: str | None = None,
+                     backend: str | None = None, int8: bool | None = None, device=None, **checks):
+    """The encoder of a database's vectors: ``recorded`` is what the database records (``db.extractor``, None for an
+    empty one), ``weights`` a checkpoint and ``frozen`` a backbone name (frozen ImageNet features) given instead.
+
+    ``backend`` / ``int8`` left as None take the backend and precision the database was built with; ``checks``
+    (``model``, ``num_features``, ``dr_model``) are checked against the checkpoint, as :func:`load_encoder` does.
+    """
+    recorded = recorded or {}
+    backend = backend or recorded.get("backend")
+    if int8 is None:  # as the database was built, unless a backend without int8 was asked for
+        int8 = recorded.get("precision") == "int8" and backend != "torch"
+    weights = weights or (None if frozen else recorded.get("weights"))
+    if weights:
+        return load_encoder(weights, backend=backend, int8=int8, device=device, **checks)
+    name = frozen or recorded.get("name")
+    if not name:
+        raise CbirError("give --weights CHECKPOINT (from cbir-train), or --extractor NAME --num_features 0 for "
+                        "frozen ImageNet features")
+    from cbir.models import create_extractor
+
+    return load_encoder(extractor=create_extractor(name, 0, pretrained=True).eval(), backend=backend, int8=int8,
+                        device=device)
+
+
 def _load_extractor(weights, model, num_features, dr_model):
     from cbir.models import load_extractor
 

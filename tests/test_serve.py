@@ -21,7 +21,7 @@ from cbir.cli import serve as serve_command
 from cbir.cli.common import run
 from cbir.database import Database
 from cbir.serve import ServeConfig
-from cbir.serve.engine import HotExtractor
+from cbir.serve.engine import HotEncoder
 from redis_processes import live_redis_servers_under
 from serve_server import TOKEN, LiveServer, index_collection, png_bytes
 
@@ -102,9 +102,9 @@ def test_batch_search_answers_each_image_in_the_order_sent(client, collection):
 
 def test_concurrent_requests_are_embedded_exactly_as_one_at_a_time(collection):
     """The service embeds requests that arrive together in one pass: each must get its own vectors back."""
-    from cbir.models import load_extractor
+    from cbir.inference import load_encoder
 
-    hot = HotExtractor(load_extractor(collection["weights"]), str(collection["weights"]))
+    hot = HotEncoder(load_encoder(collection["weights"]))
     images = [Image.open(query_file(collection, cls, n=i)).convert("RGB") for cls in CLASSES for i in range(3)]
     alone = [hot.embed([image])[0] for image in images]
     together = [None] * len(images)

@@ -202,27 +202,13 @@ def names_an_extractor(args) -> bool:
 def build_extractor(args, recorded: dict | None = None):
     """The encoder (cbir.inference) of the extractor the user named: a checkpoint, the frozen backbone, or the
     one the database records; on the backend and precision asked for, else those the database was built with."""
-    from cbir.inference import load_encoder
+    from cbir.inference import recorded_encoder
 
-    recorded = recorded or {}
-    backend = args.backend or recorded.get("backend")
-    int8 = args.int8
-    if int8 is None:  # as the database was built, unless a backend without int8 was asked for
-        int8 = recorded.get("precision") == "int8" and args.backend != "torch"
+    frozen = args.extractor if args.extractor and args.num_features == 0 and not args.weights else None
     device = f"cuda:{args.gpu_id}" if args.gpu_id is not None else None
-    weights = args.weights or recorded.get("weights")
-    checks = dict(model=args.extractor, num_features=args.num_features,
-                  dr_model=args.dr_model if args.weights else None)
-    if args.weights or not (args.extractor and args.num_features == 0) and weights:
-        return load_encoder(weights, backend=backend, int8=int8, device=device, **checks)
-    name = args.extractor if args.extractor and args.num_features == 0 else recorded.get("name")
-    if not name:
-        raise CbirError("give --weights CHECKPOINT (from cbir-train), or --extractor NAME --num_features 0 for "
-                        "frozen ImageNet features")
-    from cbir.models import create_extractor
-
-    return load_encoder(extractor=create_extractor(name, 0, pretrained=True).eval(), backend=backend, int8=int8,
-                        device=device)
+    return recorded_encoder(recorded, weights=args.weights, frozen=frozen, backend=args.backend, int8=args.int8,
+                            device=device, model=args.extractor, num_features=args.num_features,
+                            dr_model=args.dr_model if args.weights else None)
 
 
 def describe_extractor(extractor, weights: str | None) -> dict:

@@ -1,9 +1,9 @@
-"""The hot part of the service: extractors loaded once, databases kept open, requests embedded together.
+"""The hot part of the service: encoders loaded once, databases kept open, requests embedded together.
 
 Threads: FastAPI runs each request in a worker thread. A ``Database`` is meant for one thread, so each open
 database has a lock, held only for its (millisecond) Redis and FAISS calls; the embedding, the slow part, runs
 outside it. Requests that arrive while the model is busy are embedded together in its next forward pass
-(``HotExtractor.embed``), which on a CPU serves many clients at once better than one pass each.
+(``HotEncoder.embed``), which on a CPU serves many clients at once better than one pass each.
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from cbir.database import Database, DatabaseError, list_databases
-from cbir.embedding import pick_device
 from cbir.errors import CbirError
-from cbir.models import create_extractor, load_extractor
+from cbir.images import prepare
+from cbir.inference import recorded_encoder
 from cbir.naming import safe_name
 
 from .config import ServeConfig
@@ -59,35 +58,28 @@ class Added:
 class _Job:
     __slots__ = ("batch", "vectors", "error", "done")
 
-    def __init__(self, batch: torch.Tensor):
+    def __init__(self, batch: np.ndarray):
         self.batch, self.vectors, self.error, self.done = batch, None, None, False
 
 
-class HotExtractor:
-    """An extractor kept in memory with its transform and its description (whose fingerprint hashes every weight,
-    so it is computed once, not per request)."""
+class HotEncoder:
+    """An encoder of :mod:`cbir.inference` kept in memory with its description (whose fingerprint hashes every
+    weight, so it is computed once, not per request); requests that arrive together share a forward pass."""
 
-    def __init__(self, extractor, weights: str | None):
-        self.device = pick_device()
-        self.extractor = extractor.to(self.device).eval()
-        self.transform = extractor.transform(train=False)
-        self.info = {**extractor.describe(), "weights": str(Path(weights).resolve()) if weights else None}
+    def __init__(self, encoder):
+        self.encoder = encoder
+        self.info = encoder.describe()
         self._pending: list[_Job] = []
         self._pending_lock = threading.Lock()
         self._model_lock = threading.Lock()
 
-    def forward(self, inputs: torch.Tensor) -> np.ndarray:
-        """The one place the model runs (a backend other than PyTorch plugs in here)."""
-        with torch.inference_mode():
-            return self.extractor(inputs.to(self.device)).float().cpu().numpy()
-
     def embed(self, images: list[Image.Image]) -> np.ndarray:
-        """L2-normalised vectors of RGB images, exactly as ``cbir-index`` computes them.
+        """L2-normalised vectors of RGB images, exactly as ``cbir-index`` computes them from decoded images.
 
         The caller's batch joins the queue; whoever holds the model next runs everything queued in one pass, so a
         request that finds its vectors done when it gets the model returns at once.
         """
-        job = _Job(torch.stack([self.transform(image) for image in images]))
+        job = _Job(np.stack([prepare(image, self.encoder.input_size) for image in images]))
         with self._pending_lock:
             self._pending.append(job)
         with self._model_lock:
@@ -101,8 +93,8 @@ class HotExtractor:
 
     def _run(self, jobs: list[_Job]) -> None:
         try:
-            inputs = torch.cat([job.batch for job in jobs])
-            vectors = np.concatenate([self.forward(inputs[start:start + MAX_FORWARD])
+            inputs = jobs[0].batch if len(jobs) == 1 else np.concatenate([job.batch for job in jobs])
+            vectors = np.concatenate([self.encoder(inputs[start:start + MAX_FORWARD])
                                       for start in range(0, len(inputs), MAX_FORWARD)])
             start = 0
             for job in jobs:
@@ -116,31 +108,37 @@ class HotExtractor:
                 job.done = True
 
 
-class Extractors:
-    """Every extractor the service uses, each loaded once: the operator's ``--weights`` for every database, or the
-    one each database records (the checkpoint it was built with)."""
+class Encoders:
+    """Every encoder the service uses, each loaded once by :func:`cbir.inference.recorded_encoder` — ONNX Runtime
+    wherever the model exports, the backend and precision each database was built with, the checks the commands
+    make: the operator's ``--weights`` for every database, or the checkpoint each database records."""
 
     def __init__(self, weights: str | None):
-        self.pinned = HotExtractor(load_extractor(weights), weights) if weights else None
-        self._loaded: dict[tuple, HotExtractor] = {}
+        self.weights = weights
+        self._loaded: dict[tuple, HotEncoder] = {}
         self._lock = threading.Lock()
+        self.pinned = self.for_recorded(None) if weights else None
 
-    def for_recorded(self, recorded: dict) -> HotExtractor:
-        if self.pinned is not None:
-            return self.pinned
-        key = (recorded.get("weights"), recorded.get("fingerprint"))
+    def for_recorded(self, recorded: dict | None) -> HotEncoder:
+        recorded = recorded or {}
+        pinned = bool(self.weights)
+        key = (self.weights or recorded.get("weights") or recorded.get("name"),
+               None if pinned else recorded.get("fingerprint"), recorded.get("backend"), recorded.get("precision"))
         with self._lock:
             if key not in self._loaded:
-                weights = recorded.get("weights")
-                if weights:
-                    extractor = load_extractor(weights)
-                else:  # frozen ImageNet features, as cbir-index --extractor NAME --num_features 0 records them
-                    extractor = create_extractor(recorded["name"], 0, pretrained=True).eval()
-                hot = HotExtractor(extractor, weights)
-                if hot.info["fingerprint"] != recorded.get("fingerprint"):
-                    raise Conflict(f"the weights {weights or recorded.get('name')} changed since the database was "
-                                   "built with them; re-index it, or start cbir-serve with the right --weights")
-                self._loaded[key] = hot
+                try:
+                    encoder = recorded_encoder(recorded, weights=self.weights)
+                except CbirError as error:  # a checkpoint gone or unusable: this database cannot be searched now
+                    raise Conflict(str(error)) from None
+                info = encoder.describe()
+                if not pinned and recorded and info["fingerprint"] != recorded.get("fingerprint"):
+                    raise Conflict(f"the weights {recorded.get('weights') or recorded.get('name')} changed since the "
+                                   "database was built with them; re-index it, or start cbir-serve with the right "
+                                   "--weights")
+                # Databases recorded as "onnx fp32" and the pinned default (auto) land on one encoder: one model in
+                # memory, and their requests share its forward passes.
+                same = [hot for hot in self._loaded.values() if hot.info == info]
+                self._loaded[key] = same[0] if same else HotEncoder(encoder)
             return self._loaded[key]
 
 
@@ -206,21 +204,21 @@ class RetrievalService:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.pool = DatabasePool(config.home, config.redis_url)
-        self.extractors = Extractors(config.weights)
-        self.default: HotExtractor | None = self.extractors.pinned
+        self.encoders = Encoders(config.weights)
+        self.default: HotEncoder | None = self.encoders.pinned
         self._listings: dict[str, tuple] = {}
-        self._embedders: dict[str, tuple[str | None, HotExtractor]] = {}
+        self._embedders: dict[str, tuple[str | None, HotEncoder]] = {}
         self.started = False
 
     # --- life ----------------------------------------------------------------------------------------------
     def start(self) -> dict:
         """Open the main database and load its extractor now, so the first request finds both hot."""
         name = self.config.db_name
-        create = self.extractors.pinned is not None and name not in self.pool.names()
+        create = self.encoders.pinned is not None and name not in self.pool.names()
         with self.pool.use(name, create=create) as db:
             recorded = db.extractor
             if recorded is not None:
-                self.default = self.extractors.for_recorded(recorded)
+                self.default = self.encoders.for_recorded(recorded)
                 db.check_extractor(self.default.info)
             elif self.default is None:
                 raise CbirError(f"database '{name}' holds no images yet and records no extractor; give --weights")
@@ -234,18 +232,18 @@ class RetrievalService:
         self.pool.close()
 
     # --- reading -------------------------------------------------------------------------------------------
-    def _extractor_of(self, db: Database, *, writing: bool = False) -> HotExtractor:
+    def _extractor_of(self, db: Database, *, writing: bool = False) -> HotEncoder:
         recorded = db.extractor
         if recorded is None:
             if self.default is None:
                 raise Conflict(f"database '{db.name}' records no extractor; start cbir-serve with --weights")
             hot = self.default
         else:
-            hot = self.extractors.for_recorded(recorded)
+            hot = self.encoders.for_recorded(recorded)
         (db.set_extractor if writing and recorded is None else db.check_extractor)(hot.info)
         return hot
 
-    def embedder(self, name: str) -> HotExtractor:
+    def embedder(self, name: str) -> HotEncoder:
         """The extractor whose vectors database ``name`` holds. A database records its extractor once per generation
         (emptying it starts a new one), so the answer is kept until the generation changes: one Redis round trip."""
         with self.pool.use(name) as db:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from cbir.data import UnreadableImage, load_image
+from cbir.images import UnreadableImage, load_image
 
 from .config import Limits
 from .errors import BadInput, NotFound, TooLarge

@@ -9,8 +9,6 @@ known before a single tile is read at full resolution.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.cluster import KMeans
-from threadpoolctl import threadpool_limits
 
 COLOUR_CLUSTERS = 9
 _BINS = 8
@@ -37,11 +35,16 @@ def select_mosaic(colours: np.ndarray, positions: np.ndarray, fraction: float, *
     clusters = min(COLOUR_CLUSTERS, max(1, int(round(fraction * n))))
     if clusters >= n:
         return np.arange(n)
+    from threadpoolctl import threadpool_limits  # here, not at the top: every command that may see a slide imports
+    # this module, and scikit-learn with SciPy and pandas behind it took 1.9 s of cbir-retrieve's start on an image
+
     with threadpool_limits(1):  # a few hundred points: threads only wait on each other, badly on a busy machine
         return _sample(colours, positions, fraction, clusters, seed)
 
 
 def _sample(colours, positions, fraction, clusters, seed) -> np.ndarray:
+    from sklearn.cluster import KMeans
+
     if clusters == 1:
         colour_labels = np.zeros(len(colours), dtype=int)
     else:

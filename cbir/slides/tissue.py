@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 # Otsu's threshold on the "stain" score, kept inside these bounds: never below MIN_STAIN, so a blank slide has no
 # tissue to split off (glass scores about 0.04); never above MAX_STAIN, for when tissue fills most of the thumbnail
@@ -38,6 +37,8 @@ def tissue_mask(thumbnail: Image.Image) -> np.ndarray:
     hsv = np.asarray(thumbnail.convert("HSV"), dtype=np.float32) / 255.0
     score = np.maximum(hsv[..., 1], 1.0 - hsv[..., 2])
     threshold = min(max(_otsu(score.ravel()), MIN_STAIN), MAX_STAIN)
+    from scipy import ndimage  # here: SciPy's import would slow every command's start, slides or not
+
     mask = ndimage.binary_closing(score > threshold, iterations=2)
     mask = ndimage.binary_opening(mask, iterations=1)
     return ndimage.binary_fill_holes(mask)
