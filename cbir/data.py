@@ -13,6 +13,7 @@ import os
 from collections import Counter
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
