@@ -108,11 +108,11 @@ def colour_shift(image: Image.Image, kind: str, rng: np.random.Generator) -> Ima
     return Image.fromarray((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
 
 
-def shifted_queries(query: list, folder: Path, kind: str, seed: int) -> list:
-    rng = np.random.default_rng([seed, COLOUR_SHIFTS.index(kind)])
+def shifted_queries(query: list, folder: Path, kind: str, seed: int, part: str = "query") -> list:
+    rng = np.random.default_rng([seed, COLOUR_SHIFTS.index(kind), *([1] if part != "query" else [])])
     shifted = []
     for path, name in query:
-        target = folder / f"query_{kind}" / name / (Path(path).stem + ".png")
+        target = folder / f"{part}_{kind}" / name / (Path(path).stem + ".png")
         draw = colour_shift(Image.open(path), kind, rng)  # drawn even when cached: the sequence stays the same
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -150,8 +150,12 @@ def embed_items(extractor, items: list) -> tuple[list[str], list[str], np.ndarra
     return [s.path for s in result.samples], [s.class_name for s in result.samples], result.vectors
 
 
-def score(query: tuple, database: tuple) -> dict:
-    """``measure all`` of the queries against the database vectors (exact search), with MAP@R."""
+def score(query: tuple, database: tuple, same: dict | None = None) -> dict:
+    """``measure all`` of the queries against the database vectors (exact search), with MAP@R.
+
+    ``same`` (query path -> database path): a database item that is the query under another colour, left out as
+    the query itself is (leave-one-out).
+    """
     import faiss
 
     from cbir.evaluation import evaluate, results_to_request
@@ -166,13 +170,15 @@ def score(query: tuple, database: tuple) -> dict:
 
     def search(paths):
         _, found = index.search(q_vectors[[row_of[p] for p in paths]], min(k, len(d_paths)))
-        return [[d_paths[j] for j in row] for row in found], [[d_classes[j] for j in row] for row in found], {}
+        names = [[p if same and same.get(p) == d_paths[j] else d_paths[j] for j in row] for p, row in zip(paths, found)]
+        return names, [[d_classes[j] for j in row] for row in found], {}
 
     report = evaluate(q_paths, q_classes, search, measure="all", k=5, db_class_counts=counts)
     return {key: report.scores.get(key) for key in KEYS} | {"n_queries": report.n_queries}
 
 
-def run_regime(regime: str, seed: int, parts: dict, folder: Path, extra: list[str], colour_of: str) -> dict:
+def run_regime(regime: str, seed: int, parts: dict, folder: Path, extra: list[str], colour_of: str,
+               tta: bool = False) -> dict:
     from cbir.data import Sample
     from cbir.models import load_extractor
     from cbir.labels import restrict_samples
@@ -180,13 +186,22 @@ def run_regime(regime: str, seed: int, parts: dict, folder: Path, extra: list[st
     row: dict = {"regime": regime, "seed": seed}
     if regime == "colour":  # a model this seed already trained, its index as it was, queries shifted
         extractor = load_extractor(folder / "weights" / f"{colour_of}.pt")
-        database = embed_items(extractor, parts["index"])
-        row["class_top1_clean"] = score(embed_items(extractor, parts["query"]), database)["class_top1"]
-        for kind in COLOUR_SHIFTS:
-            shifted = score(embed_items(extractor, shifted_queries(parts["query"], folder, kind, seed)), database)
-            row.update({f"{key}_{kind}": shifted[key] for key in KEYS})
-        # the headline of this regime: the two shifts pooled (the same queries under each)
-        row.update({key: (row[f"{key}_stain"] + row[f"{key}_scanner"]) / 2 for key in KEYS})
+        for prefix in ("", *(["tta_"] if tta else [])):
+            extractor.config["tta"] = bool(prefix)
+            database, validation = embed_items(extractor, parts["index"]), embed_items(extractor, parts["val"])
+            row[f"{prefix}class_top1_clean"] = score(embed_items(extractor, parts["query"]), database)["class_top1"]
+            for kind in COLOUR_SHIFTS:
+                shifted = embed_items(extractor, shifted_queries(parts["query"], folder, kind, seed))
+                row.update({f"{prefix}{key}_{kind}": value for key, value in score(shifted, database).items()
+                            if key in KEYS})
+                # validation: each shifted validation image against the clean ones, its own clean copy left out
+                shifted_val = shifted_queries(parts["val"], folder, kind, seed, part="val")
+                same = {s: p for (s, _), (p, _) in zip(shifted_val, parts["val"])}
+                val = score(embed_items(extractor, shifted_val), validation, same)
+                row.update({f"{prefix}val_{key}_{kind}": val[key] for key in KEYS})
+            # the headline of this regime: the two shifts pooled (the same images under each)
+            row.update({f"{prefix}{key}": (row[f"{prefix}{key}_stain"] + row[f"{prefix}{key}_scanner"]) / 2
+                        for key in (*KEYS, *(f"val_{k}" for k in KEYS))})
         return row | {"colour_of": colour_of}
     mode = int(regime[-1]) if regime.startswith("generalise") else 0
     weights = folder / "weights" / f"{regime}.pt"
@@ -201,10 +216,14 @@ def run_regime(regime: str, seed: int, parts: dict, folder: Path, extra: list[st
         return [(s.path, s.class_name) for s in kept]
 
     wall = time.perf_counter()
-    row |= score(embed_items(extractor, unseen(parts["query"])), embed_items(extractor, unseen(parts["index"])))
-    validation = embed_items(extractor, unseen(parts["val"]))
-    row |= {f"val_{key}": value for key, value in score(validation, validation).items() if key in KEYS}
-    row["eval_wall_s"] = time.perf_counter() - wall
+    for prefix in ("", *(["tta_"] if tta else [])):  # tta_: the mean vector over the eight orientations
+        extractor.config["tta"] = bool(prefix)
+        scores = score(embed_items(extractor, unseen(parts["query"])), embed_items(extractor, unseen(parts["index"])))
+        row |= {prefix + key: value for key, value in scores.items() if key in KEYS or not prefix}
+        validation = embed_items(extractor, unseen(parts["val"]))
+        row |= {f"{prefix}val_{key}": value for key, value in score(validation, validation).items() if key in KEYS}
+        row[f"{prefix}eval_wall_s"] = time.perf_counter() - wall
+        wall = time.perf_counter()
     return row
 
 
@@ -220,8 +239,9 @@ def summarise(rows: list[dict]) -> list[dict]:
         if not runs:
             continue
         line = {"regime": regime, "seeds": len(runs)}
-        for key in [*KEYS, *(f"val_{k}" for k in KEYS), "train_wall_s", "train_cpu_s",
-                    *(f"class_top1_{k}" for k in ("clean", *COLOUR_SHIFTS))]:
+        numbers = sorted({key for r in runs for key, value in r.items() if isinstance(value, (int, float))
+                          and not isinstance(value, bool) and key not in ("seed", "n_queries")})
+        for key in numbers:
             values = [r[key] for r in runs if r.get(key) is not None]
             if values:
                 line[key] = float(np.mean(values))
@@ -240,6 +260,13 @@ def markdown(name: str, extra: str, table: list[dict]) -> str:
         out.append(f"| {line['regime']} | {line['seeds']} | " + " | ".join(
             [cells(line, k) for k in (*KEYS, "val_class_top1", "val_map_at_r")]
             + [cells(line, k, "{:.0f}") for k in ("train_wall_s", "train_cpu_s")]) + " |")
+    if any("tta_class_top1" in line for line in table):
+        out += ["\nThe same models, each vector the mean over the eight orientations (test-time augmentation):\n",
+                "| regime | seeds | class top-1 | top-5 | maj | MAP@R | val top-1 | val MAP@R |",
+                "|---|---|---|---|---|---|---|---|"]
+        out += [f"| {line['regime']} | {line['seeds']} | " + " | ".join(
+            cells(line, "tta_" + k) for k in (*KEYS, "val_class_top1", "val_map_at_r")) + " |"
+            for line in table if "tta_class_top1" in line]
     colour = next((line for line in table if line["regime"] == "colour"), None)
     if colour:
         out.append("\ncolour regime, class top-1: " + ", ".join(
@@ -254,15 +281,19 @@ def main(argv=None) -> None:
     p.add_argument("--train_args", default="", help="cbir-train flags beyond --model effnet --loss margin")
     p.add_argument("--regimes", default=",".join(REGIMES), help=f"comma-separated, of {', '.join(REGIMES)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--query_per_class", type=int, default=10)
-    p.add_argument("--index_per_class", type=int, default=15)
-    p.add_argument("--val_per_class", type=int, default=6)
+    # Parts large enough that the scoring's own sampling error (about 0.02 on 220 queries) stays under the spread
+    # between seeds; the images are there (at least 210 a class).
+    p.add_argument("--query_per_class", type=int, default=20)
+    p.add_argument("--index_per_class", type=int, default=20)
+    p.add_argument("--val_per_class", type=int, default=20)
     p.add_argument("--train_per_class", type=int, default=20)
     p.add_argument("--small_per_class", type=int, default=10)
     p.add_argument("--colour_of", default="folds", choices=("folds", "small"),
                    help="the regime whose models the colour regime queries (default: folds; small is cheaper)")
     p.add_argument("--input_size", type=int, default=128,
                    help="input size every run trains and embeds at (the campaign's budget; 0: the model's own, 224)")
+    p.add_argument("--tta", action="store_true",
+                   help="also score every model with test-time augmentation (the mean over eight orientations)")
     p.add_argument("--report", action="store_true", help="run nothing: tabulate the runs already finished")
     p.add_argument("--work", default="experiments/generalisation", help="copies, checkpoints and finished runs")
     p.add_argument("--results", default="excel_results", help="where the table, JSON and workbook go")
@@ -280,7 +311,10 @@ def main(argv=None) -> None:
         regimes.insert(regimes.index("colour"), args.colour_of)  # the colour regime scores models trained here
     done_file = work / "runs.jsonl"
     done = [json.loads(line) for line in done_file.read_text().splitlines()] if done_file.exists() else []
-    rows = [r for r in done if r.get("train_args", "") == args.train_args]
+    # A run counts for this campaign when it was trained with these flags and scored on parts of these sizes.
+    parts_key = "-".join(str(getattr(args, f"{part}_per_class")) for part in ("query", "index", "val", "train", "small"))
+    rows = [r for r in done if r.get("train_args", "") == args.train_args and r.get("parts", "10-15-6-20-10") == parts_key
+            and (not args.tta or args.report or "tta_class_top1" in r)]
 
     # Regime by regime, seed by seed: a campaign cut short still has a spread for the regimes it finished.
     for regime in regimes:
@@ -291,7 +325,8 @@ def main(argv=None) -> None:
                             val=args.val_per_class, train=args.train_per_class, small=args.small_per_class)
             folder = work / f"seed{seed}"
             materialise(parts, folder)
-            row = run_regime(regime, seed, parts, folder, extra, args.colour_of) | {"name": args.name, "train_args": args.train_args}
+            row = run_regime(regime, seed, parts, folder, extra, args.colour_of, args.tta) | {
+                "name": args.name, "train_args": args.train_args, "parts": parts_key}
             rows.append(row)
             with done_file.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")

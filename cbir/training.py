@@ -96,6 +96,7 @@ class TrainConfig:
     split_file: str | None = None  # generalise 1/2: the train classes as a file (cbir.labels)
     split_seed: int = 0  # generalise 1/2: seed of the class halves, the same in cbir-index and cbir-eval
     cluster_labels: str | None = None  # generalise 3: image -> cluster file written by cbir-kmeans
+    min_batches: int = 0  # per epoch, metric learning: small data sets still get optimiser steps
     max_batches: int | None = None  # per epoch; for quick trials and tests
     progress: bool = True
 
@@ -121,11 +122,12 @@ def check_config(config: TrainConfig) -> None:
     _check_choice("augmentation", config.augmentation, list(AUGMENTATIONS))
     if config.loss is not None:
         _check_choice("loss", config.loss, list_losses())
-    for name in ("num_epochs", "batch_size", "images_per_class", "max_batches", "num_workers", "gpu_id", "seed",
-                 "split_seed", "input_size"):
+    for name in ("num_epochs", "batch_size", "images_per_class", "min_batches", "max_batches", "num_workers", "gpu_id",
+                 "seed", "split_seed", "input_size"):
         value = getattr(config, name)
         if value is not None:
-            check_at_least(name, value, 0 if name in ("num_workers", "gpu_id", "seed", "split_seed") else 1)
+            check_at_least(name, value, 0 if name in ("min_batches", "num_workers", "gpu_id", "seed", "split_seed")
+                           else 1)
     for name in ("lr", "gamma", "head_lr_scale"):
         if not 0 < getattr(config, name) < math.inf:
             raise ParameterError(f"{{{name}}} must be a positive number, got {getattr(config, name)!r}", name)
@@ -472,7 +474,7 @@ class TrainingRun:
             batches = ShuffledBatches(len(train_samples), config.batch_size, seed=config.seed)
         else:
             batches = ClassBalancedBatches([s.class_name for s in train_samples], config.batch_size,
-                                           config.images_per_class, seed=config.seed)
+                                           config.images_per_class, seed=config.seed, min_batches=config.min_batches)
         resumed = _resume_state(config, loss_name, class_names) if config.resume else None
         if config.freeze:
             extractor.freeze_backbone()
@@ -665,10 +667,10 @@ def _resume_state(config: TrainConfig, loss_name: str | None, class_names: list[
                                  f"with the same settings", key)
     if payload["config"].get("class_names") != class_names:
         raise CbirError(f"{config.resume} was trained on other classes than those under {config.training_data}")
-    for key in ("seed", "batch_size", "images_per_class", "max_batches"):
-        if stored.get(key) != getattr(config, key):
+    for key in ("seed", "batch_size", "images_per_class", "min_batches", "max_batches"):
+        if stored.get(key, DEFAULTS[key]) != getattr(config, key):  # a checkpoint older than the key: its default
             log.warning("%s %s differs from the checkpoint's %s: the run continues, but not as the unbroken one "
-                        "would have", key, getattr(config, key), stored.get(key))
+                        "would have", key, getattr(config, key), stored.get(key, DEFAULTS[key]))
     if training["epoch"] >= config.num_epochs:
         raise ParameterError(f"{config.resume} has already trained {training['epoch']} epochs; give {{num_epochs}} "
                              f"larger than that to continue", "num_epochs")

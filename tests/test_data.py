@@ -57,6 +57,17 @@ def test_balanced_batches_hold_several_images_of_several_classes_and_are_reprodu
     assert list(sampler) != batches
 
 
+def test_a_small_data_set_still_gets_the_minimum_number_of_batches_an_epoch():
+    labels = [c for c in range(4) for _ in range(3)]  # twelve images: one batch of 3 classes × 4 images
+    assert len(list(ClassBalancedBatches(labels, batch_size=12, per_class=4))) == 1
+    sampler = ClassBalancedBatches(labels, batch_size=12, per_class=4, min_batches=5)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 5
+    assert len({tuple(b) for b in batches}) > 1  # new draws, not one batch repeated
+    # a data set that fills more batches than the minimum keeps its own count
+    assert len(ClassBalancedBatches([c for c in range(5) for _ in range(10)], 12, 4, min_batches=2)) == 4
+
+
 @pytest.mark.parametrize("labels, batch_size, message", [
     ([0] * 10, 8, "at least two class folders"),
     ([0, 0, 1], 8, "single image"),

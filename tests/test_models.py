@@ -73,3 +73,26 @@ def test_deep_ranking_wraps_a_cnn():
     with torch.inference_mode():
         assert extractor(torch.rand(2, 3, 64, 64)).shape == (2, 12)
     assert extractor.head.in_features == 7168
+
+
+def test_test_time_augmentation_gives_one_vector_however_the_image_lies(tmp_path):
+    torch.manual_seed(0)
+    extractor = create_extractor("effnet", 16, pretrained=True, input_size=64).eval()
+    ramp = torch.linspace(-2, 2, 64)  # images with an up: a colour ramp, brighter in one corner
+    images = torch.stack([ramp[None, :, None] * torch.tensor([1.0, -0.5, 0.2])[:, None, None] + ramp[None, None, :],
+                          (ramp[None, :, None] * ramp[None, None, :]).expand(3, 64, 64).clone()])
+    turned = [images.rot90(1, (2, 3)), images.rot90(2, (2, 3)), images.flip(3), images.transpose(2, 3)]
+    with torch.inference_mode():
+        plain = extractor(images)
+        assert (extractor(turned[0]) * plain).sum(1).max() < 0.999  # without it, a turned image is another vector
+        extractor.config["tta"] = True
+        averaged = extractor(images)
+        for image in turned:
+            assert torch.allclose(extractor(image), averaged, atol=1e-5)
+    assert torch.allclose(averaged.norm(dim=1), torch.ones(2), atol=1e-5)
+    # the setting travels with the checkpoint, and a database sees another extractor
+    again = load_extractor(save_extractor(tmp_path / "tta.pt", extractor))
+    with torch.inference_mode():
+        assert torch.allclose(again(images), averaged, atol=1e-5)
+    extractor.config["tta"] = False
+    assert extractor.fingerprint() != again.fingerprint()

@@ -74,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
                    help="continue a run from the checkpoint it wrote (same flags; --num_epochs may grow)")
     generalise_args(p, cluster_help="--generalise 3: the image -> cluster labels cbir-kmeans wrote (train on "
                                     "clusters, not classes)")
+    p.add_argument("--min_batches", type=int, default=d["min_batches"],
+                   help=f"metric learning: each epoch draws at least this many batches, so a small data set still "
+                        f"trains (default: {d['min_batches']})")
     p.add_argument("--max_batches", type=int, default=None, help="stop each epoch after this many batches")
     p.add_argument("--list_models", action="store_true", help="list the extractors (what each name is) and exit")
     return p

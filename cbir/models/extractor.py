@@ -47,6 +47,12 @@ class DeepRanking(nn.Module):
         return torch.cat([deep, F.normalize(shallow, dim=1)], 1)
 
 
+def orientations(x: torch.Tensor) -> torch.Tensor:
+    """The eight right-angle orientations (four rotations, each mirrored) of a batch of square images, stacked."""
+    t = x.transpose(2, 3)
+    return torch.cat([x, x.flip(3), x.flip(2), x.flip(2, 3), t, t.flip(3), t.flip(2), t.flip(2, 3)])
+
+
 class Extractor(nn.Module):
     """An image batch → L2-normalised (B, num_features) vectors. ``num_features=0`` keeps the pooled features.
 
@@ -101,6 +107,10 @@ class Extractor(nn.Module):
         return hasattr(self.backbone, "reconstruct")
 
     def forward(self, x):
+        if self.config.get("tta") and not self.training:
+            # Tissue has no up: the mean over the eight orientations is one vector however the image lies.
+            vectors = F.normalize(self.head(self.backbone(orientations(x))), dim=1)
+            return F.normalize(vectors.reshape(8, -1, vectors.shape[1]).mean(0), dim=1)
         return F.normalize(self.head(self.backbone(x)), dim=1)
 
     def training_loss(self, images: torch.Tensor) -> torch.Tensor:
@@ -150,6 +160,8 @@ class Extractor(nn.Module):
         for key, value in sorted(self.state_dict().items()):
             digest.update(key.encode())
             digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        if self.config.get("tta"):  # the same weights give other vectors: another extractor to a database
+            digest.update(b"tta")
         return digest.hexdigest()[:16]
 
     def describe(self) -> dict:
