@@ -174,6 +174,13 @@ def _blank_not_applicable(report) -> None:
             report.per_class[key] = math.nan
 
 
+def require_two_classes(train_samples) -> None:
+    """Said before any model is loaded or image embedded: a head needs two classes to tell apart."""
+    n_classes = len({s.class_name for s in train_samples})
+    if n_classes < 2:
+        raise CbirError(f"a classifier needs at least two classes in the training data, got {n_classes}")
+
+
 def classification_accuracy(extractor, train_samples, query_samples, *, measure: str = "all", k: int = 5,
                             num_epochs: int = 30, lr: float = 1e-2, head_batch_size: int = 64,
                             weight_decay: float = 1e-4, seed: int = 0, batch_size: int = 32,
@@ -183,9 +190,7 @@ def classification_accuracy(extractor, train_samples, query_samples, *, measure:
     ``evaluate_kwargs`` go to :func:`cbir.evaluation.evaluate` (``maps``, ``repeats``, ``max_queries``,
     ``remove_classes``, ``project_name``, ``class_name``, ``bootstrap``...).
     """
-    n_classes = len({s.class_name for s in train_samples})
-    if n_classes < 2:  # said before any image is embedded
-        raise CbirError(f"a classifier needs at least two classes in the training data, got {n_classes}")
+    require_two_classes(train_samples)
     start = time.perf_counter()
     embedded = embed(extractor, train_samples, batch_size=batch_size, num_workers=num_workers)
     if not embedded.samples:

@@ -45,12 +45,13 @@ def main(argv=None) -> None:
     # Heavy parts (torch, FAISS, pandas) load only now, after the flags are checked: bad flags answer at once.
     import torch
 
-    from cbir.classification import classification_accuracy
+    from cbir.classification import classification_accuracy, require_two_classes
     from cbir.images import list_samples
     from cbir.evaluation import plot_confusion_matrices, write_excel_sheet
 
     train_samples = list_samples(args.training_data)
     queries = list_samples(args.path)
+    require_two_classes(train_samples)
     extractor = build_extractor(args, None)
     result = classification_accuracy(
         extractor, train_samples, queries, measure=args.measure, num_epochs=args.num_epochs, lr=args.lr,

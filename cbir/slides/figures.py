@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -24,14 +25,14 @@ def _boxed_thumbnail(ax, thumbnail, boxes, colour: str) -> None:
 
 
 def plot_slide_search(query_tiles: list, query_thumbnail, query_boxes, query_title: str, results: list[dict],
-                      path: str | Path, *, title: str = "") -> Path:
+                      path: str | Path | BinaryIO, *, title: str = ""):
     """A slide search: the query (its tiles and its slide with them boxed), then each result slide's thumbnail
     with its matching regions boxed, green when of the query's class, red otherwise.
 
     ``results`` hold ``thumbnail`` ((image, downsample) or None when the slide file is gone), ``boxes``, ``title``,
     ``hit`` and optionally ``tile`` (the matching tile's image, shown above its slide for a region search).
     """
-    path = Path(path)
+    path = Path(path) if isinstance(path, str) else path  # a path, or a file object to write the PNG into
     columns = min(max(len(results), 1), 5)
     with_tiles = any(r.get("tile") is not None for r in results)
     rows_per_result = 2 if with_tiles else 1
