@@ -448,6 +448,20 @@ def test_the_command_stops_gracefully_on_sigterm_and_loses_nothing(collection, t
     assert info["images"] == 5 and info["index_file"] == {"vectors": 5, "up_to_date": True}
 
 
+def test_answers_leave_at_once_on_every_connection():
+    """Nagle's algorithm is off on the connections cbir-serve accepts: with it on, every answer on a keep-alive
+    connection waited 40 ms for the client's delayed ACK (the speed benchmark's search went from 67 to 34 ms)."""
+    import socket
+
+    with serve_command.bind("127.0.0.1", 0) as listening:
+        with socket.create_connection(listening.getsockname()) as client:
+            accepted, _ = listening.accept()
+            with accepted:
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+                client.sendall(b"ping")
+                assert accepted.recv(4) == b"ping"
+
+
 # --- the command's own checks ----------------------------------------------------------------------------------
 def test_the_command_refuses_unsafe_or_impossible_settings(collection, capsys):
     home = ["--home", str(collection["home"])]
