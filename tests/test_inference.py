@@ -138,6 +138,7 @@ def test_a_stale_export_beside_the_checkpoint_is_ignored_with_one_line(checkpoin
     assert cosines(encoder(images), TorchEncoder(retrained.eval())(images)).min() >= 0.9999
 
 
+@pytest.mark.slow  # int8 calibration, or every real slide through every command: a minute on 2 cores
 def test_int8_is_opt_in_close_to_fp32_and_never_mixed_into_a_float_database(checkpoint, synthetic_data, tmp_path,
                                                                             private_home):
     weights = tmp_path / "q.pt"

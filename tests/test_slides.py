@@ -134,6 +134,7 @@ def test_slides_are_ranked_by_the_median_of_each_query_tiles_best_match(private_
 
 
 # --- the commands on the real slides ---------------------------------------------------------------------------
+@pytest.mark.slow  # int8 calibration, or every real slide through every command: a minute on 2 cores
 def test_real_slides_index_retrieve_draw_and_evaluate(weights, home, private_home, tmp_path, capsys):
     listing = tmp_path / "slides.csv"
     listing.write_text(f"slide,class,patient\n{CMU},skin,p1\n{TCGA},tcga,p2\n")
