@@ -178,7 +178,7 @@ def score(query: tuple, database: tuple, same: dict | None = None) -> dict:
 
 
 def run_regime(regime: str, seed: int, parts: dict, folder: Path, extra: list[str], colour_of: str,
-               tta: bool = False) -> dict:
+               tta: bool = False, trained: dict | None = None) -> dict:
     from cbir.data import Sample
     from cbir.models import load_extractor
     from cbir.labels import restrict_samples
@@ -205,8 +205,11 @@ def run_regime(regime: str, seed: int, parts: dict, folder: Path, extra: list[st
         return row | {"colour_of": colour_of}
     mode = int(regime[-1]) if regime.startswith("generalise") else 0
     weights = folder / "weights" / f"{regime}.pt"
-    row |= train(folder / ("small" if regime == "small" else "train"), weights,
-                 [*extra, *(["--generalise", str(mode), "--split_seed", str(seed)] if mode else [])], seed)
+    if trained and weights.exists():  # a kept run scored again (--tta): the same model, not trained again
+        row |= {key: trained[key] for key in ("argv", "train_wall_s", "train_cpu_s") if key in trained}
+    else:
+        row |= train(folder / ("small" if regime == "small" else "train"), weights,
+                     [*extra, *(["--generalise", str(mode), "--split_seed", str(seed)] if mode else [])], seed)
     extractor = load_extractor(weights)
 
     def unseen(items):  # generalise: only the half of the classes the extractor never trained on
@@ -313,8 +316,9 @@ def main(argv=None) -> None:
     done = [json.loads(line) for line in done_file.read_text().splitlines()] if done_file.exists() else []
     # A run counts for this campaign when it was trained with these flags and scored on parts of these sizes.
     parts_key = "-".join(str(getattr(args, f"{part}_per_class")) for part in ("query", "index", "val", "train", "small"))
-    rows = [r for r in done if r.get("train_args", "") == args.train_args and r.get("parts", "10-15-6-20-10") == parts_key
-            and (not args.tta or args.report or "tta_class_top1" in r)]
+    kept = [r for r in done if r.get("train_args", "") == args.train_args and r.get("parts", "10-15-6-20-10") == parts_key]
+    kept = list({(r["regime"], r["seed"]): r for r in kept}.values())  # a run scored again replaces its first row
+    rows = [r for r in kept if not args.tta or args.report or "tta_class_top1" in r]
 
     # Regime by regime, seed by seed: a campaign cut short still has a spread for the regimes it finished.
     for regime in regimes:
@@ -325,7 +329,9 @@ def main(argv=None) -> None:
                             val=args.val_per_class, train=args.train_per_class, small=args.small_per_class)
             folder = work / f"seed{seed}"
             materialise(parts, folder)
-            row = run_regime(regime, seed, parts, folder, extra, args.colour_of, args.tta) | {
+            # With --tta, a kept run without TTA scores is scored again on its own model (the weights are kept).
+            trained = next((r for r in kept if r["regime"] == regime and r["seed"] == seed), None)
+            row = run_regime(regime, seed, parts, folder, extra, args.colour_of, args.tta, trained) | {
                 "name": args.name, "train_args": args.train_args, "parts": parts_key}
             rows.append(row)
             with done_file.open("a") as handle:
