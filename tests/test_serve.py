@@ -417,6 +417,42 @@ def test_cbir_index_beside_the_server_is_seen_by_its_next_search(client, collect
     assert client.delete("/api/databases/beside", headers=AUTH).status_code == 200
 
 
+def test_a_database_rebuilt_with_another_extractor_beside_the_server_is_searched_with_the_new_one(
+        client, collection, tmp_path):
+    """The server keeps each database's extractor per generation without asking Redis on every search; a database
+    emptied and indexed again by a command, with another checkpoint (other vector size), must still be searched
+    with the checkpoint that built it now."""
+    import torch
+
+    from cbir.models import create_extractor, save_extractor
+
+    folder = tmp_path / "few" / "shapes_disc"
+    folder.mkdir(parents=True)
+    disc = query_file(collection, "shapes_disc", split="query")
+    (folder / "disc.png").write_bytes(disc.read_bytes())
+    other = tmp_path / "effnet8.pt"
+    torch.manual_seed(1)
+    save_extractor(other, create_extractor("effnet", 8, pretrained=True, input_size=48))
+
+    def index_with(weights) -> None:
+        assert run(index_command.main, ["--path", str(tmp_path / "few"), "--weights", str(weights),
+                                        "--db_name", "rebuilt", "--home", str(collection["home"]),
+                                        "--num_workers", "0"]) == 0
+
+    index_with(collection["weights"])
+    for _ in range(2):  # the second search finds the extractor kept
+        first = client.post("/api/databases/rebuilt/search", files=upload(disc), data={"k": "1"})
+        assert first.status_code == 200 and first.json()["neighbours"][0]["distance"] < 1e-4
+    with Database.open("rebuilt", home=collection["home"]) as db:
+        db.clear()  # as cbir-index --rewrite does: a new generation, free for another extractor
+    index_with(other)
+    again = client.post("/api/databases/rebuilt/search", files=upload(disc), data={"k": "1"})
+    assert again.status_code == 200, again.text
+    assert again.json()["neighbours"][0]["name"] == "disc.png" and again.json()["neighbours"][0]["distance"] < 1e-4
+    assert client.get("/api/databases/rebuilt").json()["extractor"]["num_features"] == 8
+    assert client.delete("/api/databases/rebuilt", headers=AUTH).status_code == 200
+
+
 @pytest.mark.slow
 def test_the_command_stops_gracefully_on_sigterm_and_loses_nothing(collection, tmp_path):
     home = tmp_path / "home"

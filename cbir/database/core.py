@@ -561,6 +561,12 @@ class Database:
         snap = self._store.snapshot()
         return snap.uid, snap.version
 
+    @property
+    def seen_uid(self) -> str | None:
+        """The generation's uid (``generation[0]``: it changes when the database is emptied or dropped and made
+        again) as of this object's last read of Redis: no round trip, so possibly behind another process's change."""
+        return self._uid
+
     def has_paths(self, paths) -> list[bool]:
         """Whether each path is stored, in its resolved form or as given (one round trip)."""
         return [image_id is not None for image_id in self.ids_of_paths(paths)]

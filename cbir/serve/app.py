@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 from fastapi import FastAPI, Request
@@ -127,6 +128,10 @@ def create_app(config: ServeConfig, service: RetrievalService | None = None) -> 
     """The application over ``service`` (made and started here when not given; closed when the app stops)."""
     service = service or RetrievalService(config)
 
+    # The async routes' blocking work (see api.off_loop); as many threads as AnyIO gives plain routes, so that
+    # requests arriving together wait in the model's queue and share its forward pass.
+    workers = ThreadPoolExecutor(max_workers=40, thread_name_prefix="cbir-serve")
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         if not service.started:
@@ -134,6 +139,7 @@ def create_app(config: ServeConfig, service: RetrievalService | None = None) -> 
         try:
             yield
         finally:
+            workers.shutdown(wait=True)  # requests in flight finish first
             service.close()  # saves every FAISS index: a graceful stop loses nothing
 
     app = FastAPIOffline(
@@ -144,6 +150,7 @@ def create_app(config: ServeConfig, service: RetrievalService | None = None) -> 
     )
     app.state.config = config
     app.state.service = service
+    app.state.workers = workers
     app.state.guard = Guard(config.auth, config.token)
 
     @app.exception_handler(CbirError)

@@ -91,11 +91,12 @@ class Guard:
             raise HTTPException(401, "wrong token", headers={"WWW-Authenticate": "Bearer"})
 
 
-def can_read(request: Request, _credentials=Depends(bearer)) -> None:
-    """Dependency of every reading route."""
+async def can_read(request: Request, _credentials=Depends(bearer)) -> None:
+    """Dependency of every reading route (async: it only compares strings, and FastAPI would run a plain function
+    in a worker thread, a hand-off per request)."""
     request.app.state.guard.check(request, write=False)
 
 
-def can_write(request: Request, _credentials=Depends(bearer)) -> None:
+async def can_write(request: Request, _credentials=Depends(bearer)) -> None:
     """Dependency of every writing route."""
     request.app.state.guard.check(request, write=True)

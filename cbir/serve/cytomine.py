@@ -12,7 +12,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Body, Depends, File, Query, Request, UploadFile
 from pydantic import BaseModel
 
-from .api import ERRORS, check_k, decode, service
+from .api import ERRORS, check_k, decode, decoded, off_loop, service, uploaded
 from .auth import can_read, can_write
 from .engine import check_filename
 from .errors import BadInput, Conflict, NotFound
@@ -81,14 +81,19 @@ def remove_image(request: Request, filename: str, storage: str = Query(), index:
 
 
 @router.post("/search", dependencies=[Depends(can_read)], responses=ERRORS)
-def search(request: Request, image: UploadFile = File(), nrt_neigh: int = Query(),
-           storage: list[str] = Query(description="repeat to search several storages at once"),
-           index: str = Query("index")):
+async def search(request: Request, image: UploadFile = File(), nrt_neigh: int = Query(),
+                 storage: list[str] = Query(description="repeat to search several storages at once"),
+                 index: str = Query("index")):
     """The ``nrt_neigh`` nearest images over the storages named, as ``[file name, distance]`` pairs."""
     check_k(request, nrt_neigh)
-    for name in storage:
-        existing_storage(request, name)
-    query, _ = decode(request, image)
-    found = service(request).search_many(storage, query, nrt_neigh)
+    files = await uploaded([image])
+
+    def work():
+        query, = decoded(request, files)
+        for name in storage:
+            existing_storage(request, name)
+        return service(request).search_many(storage, query, nrt_neigh)
+
+    found = await off_loop(request, work)
     return {"query": image.filename, "storage": storage, "index": index,
             "similarities": [[hit.path.rsplit("/", 1)[-1], hit.distance] for _, hit in found]}

@@ -127,7 +127,7 @@ class Encoders:
         with self._lock:
             if key not in self._loaded:
                 try:
-                    encoder = recorded_encoder(recorded, weights=self.weights)
+                    encoder = recorded_encoder(recorded, weights=self.weights, spin=False)
                 except CbirError as error:  # a checkpoint gone or unusable: this database cannot be searched now
                     raise Conflict(str(error)) from None
                 info = encoder.describe()
@@ -243,44 +243,65 @@ class RetrievalService:
         (db.set_extractor if writing and recorded is None else db.check_extractor)(hot.info)
         return hot
 
-    def embedder(self, name: str) -> HotEncoder:
-        """The extractor whose vectors database ``name`` holds. A database records its extractor once per generation
-        (emptying it starts a new one), so the answer is kept until the generation changes: one Redis round trip."""
+    def embedder(self, name: str) -> tuple[str | None, HotEncoder]:
+        """The extractor whose vectors database ``name`` holds, with the generation it was chosen for.
+
+        A database records its extractor once per generation (emptying it starts a new one), so the answer is kept
+        per generation; the current one is taken from the database's last read of Redis, without a round trip.
+        That may be behind another process's change: ``_search`` checks the generation its search read and, when it
+        moved, chooses again and embeds again.
+        """
         with self.pool.use(name) as db:
-            uid, _ = db.generation
             known = self._embedders.get(name)
-            if known is not None and known[0] == uid:
-                return known[1]
+            if known is not None and known[0] == db.seen_uid:
+                return known
+            uid, _ = db.generation
             hot = self._extractor_of(db)
             if db.extractor is not None:  # an empty database may still get another extractor's vectors
                 self._embedders[name] = (uid, hot)
-            return hot
+            return uid, hot
 
     def search(self, name: str, images: list[Image.Image], k: int, *, nprobe: int | None = None) -> list[list[Hit]]:
         """The ``k`` nearest stored images of each query image, nearest first."""
-        return self.search_vectors(name, self.embedder(name).embed(images), k, nprobe=nprobe)
-
-    def search_vectors(self, name: str, vectors: np.ndarray, k: int, *, nprobe: int | None = None) -> list[list[Hit]]:
-        with self.pool.use(name) as db:
-            found = db.search(vectors, k, nprobe=nprobe)
-        results = []
-        for ids, distances, paths, classes in zip(found.ids, found.distances, found.paths, found.classes):
-            kept = ids >= 0
-            results.append([Hit(rank + 1, int(i), float(d), p, c) for rank, (i, d, p, c)
-                            in enumerate(zip(ids[kept], distances[kept], paths, classes))])
-        return results
+        return self._search(name, lambda hot: hot.embed(images), k, nprobe)
 
     def search_many(self, names: list[str], image: Image.Image, k: int) -> list[tuple[str, Hit]]:
         """One query over several databases, merged by distance (each embedded once per distinct extractor)."""
         embedded: dict[int, np.ndarray] = {}
-        merged = []
-        for name in dict.fromkeys(names):
-            hot = self.embedder(name)
+
+        def vectors(hot: HotEncoder) -> np.ndarray:
             if id(hot) not in embedded:
                 embedded[id(hot)] = hot.embed([image])
-            merged += [(name, hit) for hit in self.search_vectors(name, embedded[id(hot)], k)[0]]
+            return embedded[id(hot)]
+
+        merged = []
+        for name in dict.fromkeys(names):
+            merged += [(name, hit) for hit in self._search(name, vectors, k, None)[0]]
         merged.sort(key=lambda pair: pair[1].distance)
         return merged[:k]
+
+    def _search(self, name: str, embed, k: int, nprobe: int | None) -> list[list[Hit]]:
+        """Search database ``name`` with the vectors ``embed(extractor)`` gives, the extractor being the one of the
+        database's generation as the search itself reads it (see ``embedder``)."""
+        for _ in range(3):
+            uid, hot = self.embedder(name)
+            vectors = embed(hot)
+            with self.pool.use(name) as db:
+                try:
+                    found = db.search(vectors, k, nprobe=nprobe)
+                except DatabaseError:
+                    if db.seen_uid == uid:
+                        raise
+                    continue  # emptied and rebuilt meanwhile, maybe by another extractor: choose it again
+                if db.seen_uid != uid:
+                    continue
+            results = []
+            for ids, distances, paths, classes in zip(found.ids, found.distances, found.paths, found.classes):
+                kept = ids >= 0
+                results.append([Hit(rank + 1, int(i), float(d), p, c) for rank, (i, d, p, c)
+                                in enumerate(zip(ids[kept], distances[kept], paths, classes))])
+            return results
+        raise Conflict(f"database '{name}' was emptied and rebuilt during the search, three times; try again")
 
     def entry(self, name: str, image_id: int) -> tuple[str, str]:
         """(path, class) of a stored image."""
