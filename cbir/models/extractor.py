@@ -210,7 +210,8 @@ def save_extractor(path: str | Path, extractor: Extractor, **extra) -> Path:
     payload = {
         "format": CHECKPOINT_FORMAT,
         "config": extractor.config,
-        "state_dict": {k: v.detach().cpu() for k, v in extractor.state_dict().items()},
+        # contiguous: a model that trained in channels_last saves the standard layout
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in extractor.state_dict().items()},
         **extra,
     }
     with atomic_path(path) as temporary:
