@@ -1,6 +1,7 @@
 """The hot part of the service: encoders loaded once, databases kept open, requests embedded together.
 
-Threads: FastAPI runs each request in a worker thread. A ``Database`` is meant for one thread, so each open
+Threads: every call here comes from a worker thread (FastAPI's for plain routes, the app's executor for the
+searches, see ``api.off_loop``), many at once. A ``Database`` is meant for one thread, so each open
 database has a lock, held only for its (millisecond) Redis and FAISS calls; the embedding, the slow part, runs
 outside it. Requests that arrive while the model is busy are embedded together in its next forward pass
 (``HotEncoder.embed``), which on a CPU serves many clients at once better than one pass each.
