@@ -7,6 +7,10 @@ them alike; the median seconds per step, the ratio to the first configuration, a
 default run on histo-bench (5 epochs of its 1,560 training images, 48 batches an epoch) are printed.
 
     .venv/bin/python benchmarks/step_cost.py --configs effnet:224 effnet:288 effnet_lite2:224 effnet_lite2:260
+    .venv/bin/python benchmarks/step_cost.py --configs effnet:224:nchw effnet:224   # the memory layout's share
+
+A configuration is ``backbone:input px``, in channels_last as ``cbir-train`` runs it, or ``backbone:px:nchw`` in
+PyTorch's default layout.
 """
 
 from __future__ import annotations
@@ -47,11 +51,12 @@ def main(argv=None) -> None:
     labels = torch.arange(args.batch_size) // 4
     setups = {}
     for config in args.configs:
-        name, size = config.rsplit(":", 1)
-        model = create_extractor(name, 128, input_size=int(size)).train()
+        name, size, *layout = config.split(":")
+        layout = torch.contiguous_format if layout == ["nchw"] else torch.channels_last
+        model = create_extractor(name, 128, input_size=int(size)).train().to(memory_format=layout)
         loss_fn = create_loss("margin", num_classes=int(labels.max()) + 1, num_features=128)
         optimizer = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()], lr=1e-4)
-        images = torch.rand(args.batch_size, 3, int(size), int(size))
+        images = torch.rand(args.batch_size, 3, int(size), int(size)).contiguous(memory_format=layout)
         step_seconds(model, loss_fn, optimizer, images, labels, 1)  # warm-up
         setups[config] = (model, loss_fn, optimizer, images)
     times = {config: [] for config in args.configs}
