@@ -100,7 +100,7 @@ def colours(tmp_path_factory):
 def tiny_config(data, weights, **overrides) -> TrainConfig:
     settings = dict(training_data=str(data), weights=str(weights), model="test_tiny", num_features=16,
                     num_epochs=6, batch_size=16, images_per_class=4, lr=1e-3, lr_proxies=1e-2, num_workers=0,
-                    progress=False)
+                    progress=False, min_batches=0)  # one batch an epoch: these tests compare epochs
     return TrainConfig(**{**settings, **overrides})
 
 
