@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cbir.data import ClassBalancedBatches, ImageDataset, collate_skipping, list_samples  # noqa: E402
 from cbir.embedding import pick_device  # noqa: E402
 from cbir.losses import create_loss  # noqa: E402
-from cbir.models import create_extractor  # noqa: E402
+from cbir.models import create_extractor, prefers_channels_last  # noqa: E402
 from cbir.synthetic import make_dataset  # noqa: E402
 from cbir.training import TrainConfig, resolve_precision, seed_everything, train  # noqa: E402
 
@@ -43,7 +43,8 @@ def bare_loop(args, data: Path, device: torch.device) -> list[float]:
     extractor = create_extractor(args.model, args.num_features, pretrained=not args.scratch,
                                  input_size=args.input_size, class_names=class_names).to(device)
     loss_fn = create_loss(args.loss, num_classes=len(class_names), num_features=extractor.embedding_size).to(device)
-    extractor.to(memory_format=torch.channels_last)  # as cbir.training does for convolutional models
+    layout = torch.channels_last if prefers_channels_last(extractor) else torch.contiguous_format  # as cbir.training
+    extractor.to(memory_format=layout)
     optimizer = torch.optim.Adam(
         [{"params": [p for p in extractor.parameters() if p.requires_grad]},
          *loss_fn.param_groups(lr_proxies=1e-5, beta_lr=5e-4)], lr=1e-4, weight_decay=4e-4)
@@ -63,7 +64,7 @@ def bare_loop(args, data: Path, device: torch.device) -> list[float]:
         sampler.set_epoch(epoch)
         start, seen = time.perf_counter(), 0
         for step, (images, labels, _) in enumerate(loader, 1):
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            images = images.to(device, non_blocking=True).contiguous(memory_format=layout)
             with autocast():
                 loss = loss_fn(extractor(images), labels)  # the pair losses draw their rows from the CPU labels
             optimizer.zero_grad(set_to_none=True)

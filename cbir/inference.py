@@ -61,6 +61,8 @@ class TorchEncoder:
     def __init__(self, extractor, *, weights: str | None = None, device=None, owned: bool = True):
         import torch
 
+        from cbir.models import prefers_channels_last
+
         self.device = torch.device(device) if device is not None else pick_device()
         self.model = extractor.to(self.device).eval()
         self.config = extractor.config
@@ -68,7 +70,7 @@ class TorchEncoder:
         self.half = self.device.type == "cuda"
         self.precision = "fp16" if self.half else "fp32"
         # Convolutions run faster on NHWC tensors; the uint8 batches arrive NHWC, so it costs no copy.
-        self.channels_last = owned and any(isinstance(m, torch.nn.Conv2d) for m in extractor.modules())
+        self.channels_last = owned and prefers_channels_last(extractor)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         mean = torch.tensor(self.config["mean"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)

@@ -203,6 +203,12 @@ def create_extractor(
     return Extractor(config, pretrained=pretrained, weights_file=weights_file)
 
 
+def prefers_channels_last(module: nn.Module) -> bool:
+    """Whether ``module`` runs faster on NHWC tensors: it has 2-D convolutions (oneDNN on a CPU, tensor cores on a
+    GPU). Training and the PyTorch encoder both switch on it; checkpoints keep the standard layout all the same."""
+    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
 def save_extractor(path: str | Path, extractor: Extractor, **extra) -> Path:
     """Write the checkpoint atomically: a crash never leaves half a file under the final name, two writers never
     share a temporary file, and no temporary file outlives the call."""
