@@ -163,6 +163,8 @@ def test_the_page_its_files_and_the_api_docs_are_served_without_a_cdn(client):
                   "/api/databases/{name}/images/{image_id}", "/api/search", "/api/images", "/api/storages",
                   "/health"):
         assert route in spec["paths"], route
+    form = spec["paths"]["/api/databases/{name}/search"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert {"image", "k", "query_class", "nprobe"} <= set(form["schema"]["properties"])  # the form it reads itself
     assert client.get("/docs-static/swagger-ui-bundle.js").status_code == 200
 
 
@@ -286,8 +288,15 @@ def test_bad_input_gets_one_clear_4xx_line_and_the_server_keeps_serving(client, 
     for k in ("0", "-3", "101", "1000000000"):
         answer = client.post("/api/databases/cells/search", files=upload(image), data={"k": k})
         assert answer.status_code == 400 and "k must be between 1 and 100" in answer.json()["detail"]
-    assert client.post("/api/databases/cells/search", files=upload(image), data={"k": "ten"}).status_code == 422
-    assert client.post("/api/databases/cells/search", data={"k": "3"}).status_code == 422  # no image at all
+    for fields, words, status in (({"k": "ten"}, "k: a whole number", 422),
+                                  ({"nprobe": "0"}, "nprobe: at least 1", 422),
+                                  ({"query_class": ("x.png", b"x")}, "Too many files", 400)):
+        plain = {key: value for key, value in fields.items() if isinstance(value, str)}
+        extra = {key: value for key, value in fields.items() if not isinstance(value, str)}
+        answer = client.post("/api/databases/cells/search", files={**upload(image), **extra}, data=plain)
+        assert answer.status_code == status and words in answer.json()["detail"], (fields, answer.text)
+    no_image = client.post("/api/databases/cells/search", data={"k": "3"})
+    assert no_image.status_code == 422 and "image" in no_image.json()["detail"]
     unknown = client.post("/api/databases/nowhere/search", files=upload(image), data={"k": "3"})
     assert unknown.status_code == 404 and "does not exist" in unknown.json()["detail"]
     invalid = client.post("/api/databases/bad%20name/search", files=upload(image), data={"k": "3"})

@@ -22,6 +22,10 @@ class Conflict(RequestError):
     status = 409
 
 
+class Unprocessable(RequestError):
+    status = 422  # a request whose fields are missing or of the wrong kind, as FastAPI answers them
+
+
 class TooLarge(RequestError):
     status = 413
 
