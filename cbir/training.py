@@ -106,6 +106,8 @@ class TrainConfig:
 
 #: Every field's default, for fronts that expose the fields as flags (they must not restate them).
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name != "training_data"}
+#: What a checkpoint written before a field existed trained with, where that is not today's default.
+BEFORE_THE_KEY = {"min_batches": 0}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -679,9 +681,10 @@ def _resume_state(config: TrainConfig, loss_name: str | None, class_names: list[
     if payload["config"].get("class_names") != class_names:
         raise CbirError(f"{config.resume} was trained on other classes than those under {config.training_data}")
     for key in ("seed", "batch_size", "images_per_class", "min_batches", "max_batches"):
-        if stored.get(key, DEFAULTS[key]) != getattr(config, key):  # a checkpoint older than the key: its default
+        theirs = stored.get(key, BEFORE_THE_KEY.get(key, DEFAULTS[key]))
+        if theirs != getattr(config, key):
             log.warning("%s %s differs from the checkpoint's %s: the run continues, but not as the unbroken one "
-                        "would have", key, getattr(config, key), stored.get(key, DEFAULTS[key]))
+                        "would have", key, getattr(config, key), theirs)
     if training["epoch"] >= config.num_epochs:
         raise ParameterError(f"{config.resume} has already trained {training['epoch']} epochs; give {{num_epochs}} "
                              f"larger than that to continue", "num_epochs")

@@ -9,6 +9,7 @@ colour classes at 32 px, so that a few steps show learning; the CLI and torchrun
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -170,6 +171,20 @@ def test_resume_refuses_other_settings_and_finished_runs(colours, tmp_path):
         train(tiny_config(colours, tmp_path / "x.pt", loss="margin", num_epochs=2, resume=str(weights)))
     with pytest.raises(CbirError, match="already trained 1 epochs"):
         train(tiny_config(colours, tmp_path / "x.pt", loss="softmax", num_epochs=1, resume=str(weights)))
+
+
+def test_resume_from_a_checkpoint_older_than_min_batches_compares_with_what_it_trained_with(colours, tmp_path, caplog):
+    weights = tmp_path / "w.pt"
+    train(tiny_config(colours, weights, num_epochs=1, max_batches=1))
+    payload = torch.load(weights, weights_only=True)
+    del payload["training"]["train_config"]["min_batches"]  # as written before the key existed: it trained with 0
+    torch.save(payload, weights)
+    for min_batches, warned in ((0, False), (16, True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cbir"):
+            train(tiny_config(colours, tmp_path / f"r{min_batches}.pt", num_epochs=2, max_batches=1,
+                              min_batches=min_batches, resume=str(weights)))
+        assert any("min_batches" in r.getMessage() for r in caplog.records) == warned, caplog.text
 
 
 def test_a_model_that_trains_itself_uses_its_own_loss_on_one_class(tmp_path):
