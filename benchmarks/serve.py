@@ -114,6 +114,13 @@ def http_search(client, url: str, name: str, data: bytes, k: int):
     return answer.json()
 
 
+def search_form(name: str, data: bytes, k: int, boundary: str) -> bytes:
+    """The body of a search request: the multipart form a browser or httpx sends, made by hand."""
+    return (f'--{boundary}\r\nContent-Disposition: form-data; name="k"\r\n\r\n{k}\r\n--{boundary}\r\n'
+            f'Content-Disposition: form-data; name="image"; filename="{name}"\r\nContent-Type: image/jpeg\r\n\r\n'
+            ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+
+
 class PlainClient:
     """The same request through the standard library's ``http.client`` on one keep-alive connection: a client
     that adds next to nothing of its own (httpx spends about a millisecond a request in Python), so what it
@@ -126,12 +133,8 @@ class PlainClient:
         self.connection = http.client.HTTPConnection(host, int(port), timeout=300)
 
     def search(self, name: str, data: bytes, k: int) -> dict:
-        b = self.BOUNDARY
-        body = (f'--{b}\r\nContent-Disposition: form-data; name="k"\r\n\r\n{k}\r\n--{b}\r\nContent-Disposition: '
-                f'form-data; name="image"; filename="{name}"\r\nContent-Type: image/jpeg\r\n\r\n').encode() + data + \
-            f"\r\n--{b}--\r\n".encode()
-        self.connection.request("POST", "/api/databases/bench/search", body,
-                                {"Content-Type": f"multipart/form-data; boundary={b}"})
+        self.connection.request("POST", "/api/databases/bench/search", search_form(name, data, k, self.BOUNDARY),
+                                {"Content-Type": f"multipart/form-data; boundary={self.BOUNDARY}"})
         answer = self.connection.getresponse()
         content = answer.read()
         if answer.status != 200:

@@ -31,12 +31,6 @@ import serve as bench  # noqa: E402 — the same database, checkpoint and bare s
 BOUNDARY = "cbir-overhead-boundary"
 
 
-def multipart(name: str, data: bytes, k: int) -> bytes:
-    return (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="k"\r\n\r\n{k}\r\n--{BOUNDARY}\r\n'
-            f'Content-Disposition: form-data; name="image"; filename="{name}"\r\nContent-Type: image/jpeg\r\n\r\n'
-            ).encode() + data + f"\r\n--{BOUNDARY}--\r\n".encode()
-
-
 async def asgi_search(app, body: bytes) -> None:
     """One POST of the search route through the whole ASGI stack, as uvicorn would make it."""
     path = "/api/databases/bench/search"
@@ -89,7 +83,7 @@ def stamping(api, stamps: dict):
 async def measure(args, app, bare, payloads) -> None:
     from cbir.serve import api
 
-    bodies = [multipart(name, data, args.k) for name, data in payloads]
+    bodies = [bench.search_form(name, data, args.k, BOUNDARY) for name, data in payloads]
     stamps: dict = {}
     async with app.router.lifespan_context(app):
         for i in range(10):  # warm both paths
