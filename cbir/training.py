@@ -559,14 +559,23 @@ class TrainingRun:
         """One pass over this rank's batches; the epoch's row of the log."""
         config, dist = self.config, self.dist
         # Every random draw of the epoch follows from (seed, epoch): a resumed run repeats the unbroken one.
-        seed_everything(epoch_seed(config.seed, epoch, dist.rank))
+        seed = epoch_seed(config.seed, epoch, dist.rank)
+        seed_everything(seed)
         if self.loss_fn is not None:
-            self.loss_fn.reseed(epoch_seed(config.seed, epoch, dist.rank) + 2)
+            self.loss_fn.reseed(seed + 2)
         self.sampler.set_epoch(epoch)
+        # A new loader iterator takes its workers' base seed from the global generator just seeded; reused persistent
+        # workers take none. New ones are made every epoch without workers and in a resumed run's first epoch, reused
+        # ones from epoch 2 of an unbroken run with workers, so from epoch 2 on the generator is seeded again after
+        # the iterator: dropout then follows (seed, epoch) whatever the loader did. Epoch 1 keeps its draw, so runs
+        # made before this line train as they did.
+        loader = iter(self.loader)
+        if epoch > 1:
+            seed_everything(seed)
         self.extractor.train()
         started, seen, steps, last_batch = time.perf_counter(), 0, 0, None
         loss_sum = torch.zeros((), device=self.device)
-        batches = tqdm(self.loader, desc=f"epoch {epoch}/{config.num_epochs}", unit="batch",
+        batches = tqdm(loader, total=len(self.loader), desc=f"epoch {epoch}/{config.num_epochs}", unit="batch",
                        disable=not (config.progress and dist.main))
         for batch in batches:
             weight = 1.0

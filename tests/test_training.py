@@ -44,6 +44,11 @@ def _tiny(pretrained: bool = False, weights_file: str | None = None, input_size:
     return _tiny_cnn(), 32
 
 
+def _tiny_dropout(pretrained: bool = False, weights_file: str | None = None, input_size: int = 32):
+    """With dropout, as the real backbones have (EfficientNet's drop-connect): training draws from torch's generator."""
+    return nn.Sequential(_tiny_cnn(), nn.Dropout(0.2)), 32
+
+
 class _TinyAutoencoder(nn.Module):
     """A self-training model of the registry's shape: its own loss, and an after_step hook it counts."""
 
@@ -72,10 +77,11 @@ def _tiny_ae(pretrained: bool = False, weights_file: str | None = None, input_si
 def tiny_backbones():
     """Test-only backbones, registered while this module runs: the registry is global, other modules list it."""
     register_backbone("test_tiny", input_size=32, description="test-only tiny CNN")(_tiny)
+    register_backbone("test_tiny_dropout", input_size=32, description="test-only tiny CNN with dropout")(_tiny_dropout)
     register_backbone("test_tiny_ae", input_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
                       description="test-only tiny autoencoder", kind="autoencoder", trains_itself=True)(_tiny_ae)
     yield
-    for name in ("test_tiny", "test_tiny_ae"):
+    for name in ("test_tiny", "test_tiny_dropout", "test_tiny_ae"):
         BACKBONES.pop(name, None)
 
 
@@ -144,13 +150,13 @@ def test_every_learnable_loss_parameter_trains_and_is_saved(colours, tmp_path, m
 
 @pytest.mark.slow
 def test_resume_after_one_epoch_equals_the_unbroken_run(colours, tmp_path):
-    settings = dict(loss="margin", scheduler="exponential", gamma=0.5, num_epochs=2, max_batches=2, val_fraction=0.2)
-    unbroken = train(tiny_config(colours, tmp_path / "unbroken.pt", **settings))
+    settings = dict(loss="margin", scheduler="exponential", gamma=0.5, num_epochs=2, max_batches=2, val_fraction=0.2,
+                    model="test_tiny_dropout")
+    # The unbroken run keeps a persistent DataLoader worker from epoch to epoch, the broken and resumed ones have
+    # none: augmentation and dropout follow the seed, not the processes nor the loader's own use of the generator.
+    unbroken = train(tiny_config(colours, tmp_path / "unbroken.pt", **settings, num_workers=1))
     train(tiny_config(colours, tmp_path / "broken.pt", **{**settings, "num_epochs": 1}))
-    # Resumed with a DataLoader worker, where the unbroken run had none: augmentation follows the seed, not the
-    # process that draws it.
-    resumed = train(tiny_config(colours, tmp_path / "broken.pt", **settings, resume=str(tmp_path / "broken.pt"),
-                                num_workers=1))
+    resumed = train(tiny_config(colours, tmp_path / "broken.pt", **settings, resume=str(tmp_path / "broken.pt")))
     assert [r["epoch"] for r in resumed["history"]] == [1, 2]
     assert resumed["history"][1]["loss"] == pytest.approx(unbroken["history"][1]["loss"], rel=1e-5)
     assert resumed["history"][1]["lr"] == unbroken["history"][1]["lr"] == pytest.approx(0.5e-3)
