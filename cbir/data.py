@@ -166,9 +166,14 @@ class ClassBalancedBatches(torch.utils.data.Sampler):
         self.by_class = {c: [i for i, label in enumerate(labels) if label == c] for c in classes}
         self.classes_per_batch = min(batch_size // per_class, len(classes))
         self.per_class = per_class
-        self.num_batches = max(1, min_batches, len(labels) // (self.classes_per_batch * per_class))
+        self.filled = len(labels) // (self.classes_per_batch * per_class)  # the batches the images fill
+        self.num_batches = self.epoch_length(min_batches)
         self.seed = seed
         self.epoch = 0
+
+    def epoch_length(self, min_batches: int) -> int:
+        """The batches of an epoch with this ``min_batches``."""
+        return max(1, min_batches, self.filled)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -481,7 +481,7 @@ class TrainingRun:
         else:
             batches = ClassBalancedBatches([s.class_name for s in train_samples], config.batch_size,
                                            config.images_per_class, seed=config.seed, min_batches=config.min_batches)
-        resumed = _resume_state(config, loss_name, class_names) if config.resume else None
+        resumed = _resume_state(config, loss_name, class_names, batches) if config.resume else None
         if config.freeze:
             extractor.freeze_backbone()
         loss_fn = None if trains_itself else create_loss(
@@ -675,7 +675,7 @@ class TrainingRun:
         }
 
 
-def _resume_state(config: TrainConfig, loss_name: str | None, class_names: list[str]) -> dict:
+def _resume_state(config: TrainConfig, loss_name: str | None, class_names: list[str], batches) -> dict:
     payload = read_checkpoint(config.resume)
     training = payload.get("training") or {}
     if "optimizer" not in training:
@@ -690,10 +690,14 @@ def _resume_state(config: TrainConfig, loss_name: str | None, class_names: list[
     if payload["config"].get("class_names") != class_names:
         raise CbirError(f"{config.resume} was trained on other classes than those under {config.training_data}")
     for key in ("seed", "batch_size", "images_per_class", "min_batches", "max_batches"):
-        theirs = stored.get(key, BEFORE_THE_KEY.get(key, DEFAULTS[key]))
-        if theirs != getattr(config, key):
+        theirs, ours = stored.get(key, BEFORE_THE_KEY.get(key, DEFAULTS[key])), getattr(config, key)
+        same = theirs == ours
+        if key == "min_batches" and isinstance(batches, ClassBalancedBatches):
+            # a set that fills more batches than either minimum trains the same under both
+            same = batches.epoch_length(theirs) == batches.epoch_length(ours)
+        if not same:
             log.warning("%s %s differs from the checkpoint's %s: the run continues, but not as the unbroken one "
-                        "would have", key, getattr(config, key), theirs)
+                        "would have", key, ours, theirs)
     if training["epoch"] >= config.num_epochs:
         raise ParameterError(f"{config.resume} has already trained {training['epoch']} epochs; give {{num_epochs}} "
                              f"larger than that to continue", "num_epochs")
