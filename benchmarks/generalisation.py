@@ -281,7 +281,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="../shared/data/histo-bench", help="histo-bench (train/index/query folders)")
     p.add_argument("--name", required=True, help="the recipe's name: work folder, sheet and table heading")
-    p.add_argument("--train_args", default="", help="cbir-train flags beyond --model effnet --loss margin")
+    p.add_argument("--train_args", default=None,
+                   help="cbir-train flags beyond --model effnet --loss margin (with --report: those of the runs kept)")
     p.add_argument("--regimes", default=",".join(REGIMES), help=f"comma-separated, of {', '.join(REGIMES)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     # Parts large enough that the scoring's own sampling error (about 0.02 on 220 queries) stays under the spread
@@ -304,21 +305,31 @@ def main(argv=None) -> None:
     regimes = args.regimes.split(",")
     if unknown := set(regimes) - set(REGIMES):
         sys.exit(f"unknown regime(s) {', '.join(sorted(unknown))}; choose from {', '.join(REGIMES)}")
+    work = Path(args.work) / args.name
+    done_file = work / "runs.jsonl"
+    done = [json.loads(line) for line in done_file.read_text().splitlines()] if done_file.exists() else []
+    if args.train_args is None:
+        # A report tabulates the recipe as it was run: its flags are in its runs, not to be typed again.
+        flags = {r.get("train_args", "") for r in done} if args.report else {""}
+        if len(flags) > 1:
+            sys.exit(f"the runs of {args.name} were trained with several flag sets ({'; '.join(sorted(flags))}); "
+                     f"give --train_args")
+        args.train_args = flags.pop() if flags else ""
     extra = shlex.split(args.train_args) + (["--input_size", str(args.input_size)] if args.input_size else [])
     # Import the package now: a campaign that runs for an hour measures the code as it was when it started.
     import cbir.cli.train, cbir.embedding, cbir.evaluation, cbir.labels, cbir.models  # noqa: E401,F401
-    work = Path(args.work) / args.name
     work.mkdir(parents=True, exist_ok=True)
     if "colour" in regimes and args.colour_of not in regimes and not all(
             (work / f"seed{seed}" / "weights" / f"{args.colour_of}.pt").exists() for seed in args.seeds):
         regimes.insert(regimes.index("colour"), args.colour_of)  # the colour regime scores models trained here
-    done_file = work / "runs.jsonl"
-    done = [json.loads(line) for line in done_file.read_text().splitlines()] if done_file.exists() else []
     # A run counts for this campaign when it was trained with these flags and scored on parts of these sizes.
     parts_key = "-".join(str(getattr(args, f"{part}_per_class")) for part in ("query", "index", "val", "train", "small"))
     kept = [r for r in done if r.get("train_args", "") == args.train_args and r.get("parts", "10-15-6-20-10") == parts_key]
     kept = list({(r["regime"], r["seed"]): r for r in kept}.values())  # a run scored again replaces its first row
     rows = [r for r in kept if not args.tta or args.report or "tta_class_top1" in r]
+    if args.report and not rows:  # an empty table would replace the recipe's results
+        sys.exit(f"no finished runs of {args.name} with --train_args '{args.train_args}' and these part sizes in "
+                 f"{done_file}; nothing written")
 
     # Regime by regime, seed by seed: a campaign cut short still has a spread for the regimes it finished.
     for regime in regimes:

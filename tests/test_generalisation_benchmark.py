@@ -1,9 +1,11 @@
-"""The generalisation benchmark's data handling: re-splits that never leak an image, colour shifts that keep it."""
+"""The generalisation benchmark: re-splits that never leak an image, colour shifts that keep it, reports of runs."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,3 +49,22 @@ def test_colour_shifts_change_the_colours_not_the_picture():
         assert np.abs(shifted - original).mean() > 2  # visibly another stain or scanner
         # the structure stays: pixel intensities keep their order almost everywhere
         assert np.corrcoef(shifted.mean(axis=2).ravel(), original.mean(axis=2).ravel())[0, 1] > 0.8
+
+
+def test_a_report_tabulates_the_kept_runs_with_their_own_flags_and_never_writes_an_empty_table(tmp_path):
+    bench = _benchmark()
+    work, results = tmp_path / "work", tmp_path / "results"
+    (work / "recipe").mkdir(parents=True)
+    runs = [{"regime": "folds", "seed": seed, "class_top1": top1, "class_top5": 0.9, "class_maj": 0.6, "map_at_r": 0.3,
+             "train_args": "--lr 2e-4", "parts": "20-20-20-20-10"} for seed, top1 in ((0, 0.6), (1, 0.7))]
+    (work / "recipe" / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    args = ["--name", "recipe", "--report", "--work", str(work), "--results", str(results)]
+    # Without --train_args the report takes the runs' own flags: the table is theirs, not an empty one.
+    bench.main(args)
+    table = (results / "generalisation.md").read_text()
+    assert "### recipe: `cbir-train --model effnet --loss margin --lr 2e-4 --input_size 128`" in table
+    assert "| folds | 2 | 0.650 ± 0.071 |" in table
+    # Flags no kept run was trained with: one line, and the table already written stays.
+    with pytest.raises(SystemExit, match="no finished runs of recipe"):
+        bench.main(args + ["--train_args", "--lr 1e-3"])
+    assert (results / "generalisation.md").read_text() == table
