@@ -216,6 +216,10 @@ class ShuffledBatches(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def epoch_length(self, min_batches: int) -> int:
+        """The batches of an epoch: every image once, whatever ``min_batches`` (a class-balanced setting)."""
+        return len(self)
+
     def __len__(self) -> int:
         full, rest = divmod(self.size, self.batch_size)
         return full + (rest > 1) if self.size > 1 else 1

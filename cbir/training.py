@@ -692,8 +692,7 @@ def _resume_state(config: TrainConfig, loss_name: str | None, class_names: list[
     for key in ("seed", "batch_size", "images_per_class", "min_batches", "max_batches"):
         theirs, ours = stored.get(key, BEFORE_THE_KEY.get(key, DEFAULTS[key])), getattr(config, key)
         same = theirs == ours
-        if key == "min_batches" and isinstance(batches, ClassBalancedBatches):
-            # a set that fills more batches than either minimum trains the same under both
+        if key == "min_batches":  # a set that fills more batches than either minimum trains the same under both
             same = batches.epoch_length(theirs) == batches.epoch_length(ours)
         if not same:
             log.warning("%s %s differs from the checkpoint's %s: the run continues, but not as the unbroken one "

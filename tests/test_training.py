@@ -194,6 +194,20 @@ def test_resume_from_a_checkpoint_older_than_min_batches_compares_with_what_it_t
         assert any("min_batches" in r.getMessage() for r in caplog.records) == warned, caplog.text
 
 
+def test_resume_of_a_model_that_trains_itself_does_not_warn_of_min_batches(colours, tmp_path, caplog):
+    # --min_batches shapes class-balanced epochs only; an autoencoder's epoch is every image once under any value
+    weights = tmp_path / "ae.pt"
+    train(tiny_config(colours, weights, model="test_tiny_ae", num_epochs=1, max_batches=1))
+    payload = torch.load(weights, weights_only=True)
+    del payload["training"]["train_config"]["min_batches"]  # as written before the key existed
+    torch.save(payload, weights)
+    with caplog.at_level(logging.WARNING, logger="cbir"):
+        summary = train(tiny_config(colours, tmp_path / "r.pt", model="test_tiny_ae", num_epochs=2, max_batches=1,
+                                    min_batches=16, resume=str(weights)))
+    assert [row["epoch"] for row in summary["history"]] == [1, 2]
+    assert not any("min_batches" in r.getMessage() for r in caplog.records), caplog.text
+
+
 def test_a_model_that_trains_itself_uses_its_own_loss_on_one_class(tmp_path):
     data = make_colour_classes(tmp_path / "one", per_class=24, classes=["red"])
     summary = train(tiny_config(data, tmp_path / "ae.pt", model="test_tiny_ae", num_epochs=3, lr=3e-3))
