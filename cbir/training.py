@@ -80,6 +80,9 @@ class TrainConfig:
     gamma: float = 0.3
     lr_proxies: float = 1e-5
     scheduler: str | None = None  # None, "cosine" (warm-up, then cosine decay, per step), "step", "exponential"
+    # 0: off. Else the decay of an exponential moving average of the weights, updated after every step; the
+    # average is what is validated and saved (the checkpoint keeps the raw weights too, to resume from).
+    ema: float = 0.0
     augmentation: str = DEFAULT_AUGMENTATION  # cbir.data.AUGMENTATIONS
     freeze: bool = False
     pretrained: bool = True
@@ -107,7 +110,7 @@ class TrainConfig:
 #: Every field's default, for fronts that expose the fields as flags (they must not restate them).
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name != "training_data"}
 #: What a checkpoint written before a field existed trained with, where that is not today's default.
-BEFORE_THE_KEY = {"min_batches": 0}
+BEFORE_THE_KEY = {"min_batches": 0, "ema": 0.0}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,6 +147,8 @@ def check_config(config: TrainConfig) -> None:
                              "num_features")
     if not 0.0 <= config.val_fraction < 1.0:
         raise ParameterError(f"{{val_fraction}} must be in [0, 1), got {config.val_fraction}", "val_fraction")
+    if not 0.0 <= config.ema < 1.0:
+        raise ParameterError(f"{{ema}} must be in [0, 1) (0: off, e.g. 0.99), got {config.ema}", "ema")
     check_generalise(config.generalise, cluster_labels=config.cluster_labels, split_file=config.split_file)
     for name in ("resume", "pretrained_weights", "cluster_labels", "split_file"):
         if getattr(config, name):
@@ -299,6 +304,22 @@ class TrainingStep(nn.Module):
 WARMUP_SHARE = 0.1
 
 
+def ema_average(decay: float):
+    """The update of ``AveragedModel`` for an exponential moving average with warm-up: step t uses
+    min(decay, (1 + t) / (10 + t)), as TensorFlow's ExponentialMovingAverage with num_updates does. Without the
+    warm-up a run of a few hundred steps would keep a large share of the pretrained weights it started from."""
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], steps: torch.Tensor) -> None:
+        # called once per device and dtype, on lists of tensors: one multi-tensor kernel, one read of ``steps``
+        if not averaged[0].is_floating_point():  # BatchNorm's step counters: the training model's
+            torch._foreach_copy_(averaged, current)
+            return
+        rate = min(decay, (1 + float(steps)) / (10 + float(steps)))
+        torch._foreach_lerp_(averaged, current, 1 - rate)
+
+    return update
+
+
 def build_scheduler(optimizer, name: str | None, num_epochs: int, gamma: float, steps_per_epoch: int = 1):
     """``cosine``: a linear warm-up over the first tenth of the steps, then a cosine decay to 0, stepped after every
     batch (``.per_step``); ``step``: ×gamma at half and at the end; ``exponential``: ×gamma each epoch; None: a
@@ -438,6 +459,7 @@ class TrainingRun:
     loader: DataLoader | None = None
     workers: int = 0
     channels_last: bool = False
+    averaged: nn.Module | None = None  # --ema: the moving average of the extractor (what is validated and saved)
     # what it has done
     start_epoch: int = 0
     history: list[dict] = field(default_factory=list)
@@ -500,6 +522,11 @@ class TrainingRun:
         if self.channels_last:
             self.extractor.to(memory_format=torch.channels_last)
         self.step = TrainingStep(self.extractor, self.loss_fn, distributed=self.dist.active).to(device)
+        if config.ema:
+            # A resumed run's extractor holds the checkpoint's average: the copy starts from it, and _restore puts
+            # the raw weights back into the extractor that trains.
+            self.averaged = torch.optim.swa_utils.AveragedModel(self.extractor, multi_avg_fn=ema_average(config.ema),
+                                                                use_buffers=True)
         loss_groups = self.loss_fn.param_groups(lr_proxies=config.lr_proxies, beta_lr=config.beta_lr) \
             if self.loss_fn is not None else []
         # The new head starts from random weights and learns faster than the pretrained backbone it sits on.
@@ -553,6 +580,9 @@ class TrainingRun:
             _load_scheduler_state(self.scheduler, resumed["scheduler"])
         if self.scaler is not None and resumed.get("scaler"):
             self.scaler.load_state_dict(resumed["scaler"])
+        if self.averaged is not None:
+            self.extractor.load_state_dict(resumed["raw_state"])
+            self.averaged.n_averaged.fill_(resumed["ema_steps"])
         self.start_epoch, self.history = resumed["epoch"], list(resumed["history"])
 
     def train_epoch(self, epoch: int) -> dict:
@@ -627,13 +657,16 @@ class TrainingRun:
             self.scheduler.step()
         if self.loss_fn is None:
             self.extractor.after_step()
+        if self.averaged is not None:
+            self.averaged.update_parameters(self.extractor)
         return loss, len(images)
 
     def end_epoch(self, row: dict) -> None:
         """Step the scheduler, validate, log, and write the checkpoints (the best epoch's too)."""
         if self.scheduler is not None and not getattr(self.scheduler, "per_step", False):
             self.scheduler.step()
-        row["val_top1"] = retrieval_top1(self.extractor, self.val_samples, device=self.device,
+        kept = self.extractor if self.averaged is None else self.averaged.module  # what the checkpoint holds
+        row["val_top1"] = retrieval_top1(kept, self.val_samples, device=self.device,
                                          num_workers=self.workers, dist=self.dist) if self.val_samples else None
         self.history.append(row)
         if not self.dist.main:
@@ -648,12 +681,15 @@ class TrainingRun:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "loss_state": {k: v.detach().cpu() for k, v in (self.loss_fn.state_dict() if self.loss_fn else {}).items()},
         }
-        save_extractor(self.weights, self.extractor, training={**training_state, **resume_state})
+        if self.averaged is not None:
+            resume_state["raw_state"] = {k: v.detach().cpu().contiguous() for k, v in self.extractor.state_dict().items()}
+            resume_state["ema_steps"] = int(self.averaged.n_averaged)
+        save_extractor(self.weights, kept, training={**training_state, **resume_state})
         val_top1 = row["val_top1"]
         if val_top1 is not None and not math.isnan(val_top1) and val_top1 > self.best_score:
             self.best_score = val_top1
             # the best epoch is for use, not for resuming: no optimiser state (half the size for Adam)
-            save_extractor(self.best_path, self.extractor, training=training_state)
+            save_extractor(self.best_path, kept, training=training_state)
         log.info("epoch %d: loss %.4f, %.1f images/s%s", row["epoch"], row["loss"], row["images_per_s"],
                  f", validation top-1 {val_top1:.3f}" if val_top1 is not None else "")
 
@@ -682,11 +718,12 @@ def _resume_state(config: TrainConfig, loss_name: str | None, class_names: list[
         raise CbirError(f"{config.resume} holds no optimiser state (a best-epoch copy or a foreign checkpoint); "
                         f"resume from the last checkpoint cbir-train wrote")
     stored = training["train_config"]
-    for key in ("model", "loss", "num_features", "dr_model", "freeze", "augmented", "non_contrastive", "scheduler"):
-        ours = loss_name if key == "loss" else getattr(config, key)
-        if stored.get(key) != ours:
-            raise ParameterError(f"{config.resume} was trained with {{{key}}} {stored.get(key)}, not {ours}; resume "
-                                 f"with the same settings", key)
+    for key in ("model", "loss", "num_features", "dr_model", "freeze", "augmented", "non_contrastive", "scheduler",
+                "ema"):
+        theirs, ours = stored.get(key, BEFORE_THE_KEY.get(key)), loss_name if key == "loss" else getattr(config, key)
+        if theirs != ours:
+            raise ParameterError(f"{config.resume} was trained with {{{key}}} {theirs}, not {ours}; resume with the "
+                                 f"same settings", key)
     if payload["config"].get("class_names") != class_names:
         raise CbirError(f"{config.resume} was trained on other classes than those under {config.training_data}")
     for key in ("seed", "batch_size", "images_per_class", "min_batches", "max_batches"):

@@ -170,6 +170,34 @@ def test_resume_after_one_epoch_equals_the_unbroken_run(colours, tmp_path):
     assert [row["epoch"] for row in log_rows] == [1, 2]
 
 
+@pytest.mark.slow
+def test_ema_saves_the_moving_average_and_resumes_as_the_unbroken_run(colours, tmp_path):
+    settings = dict(loss="margin", num_epochs=2, max_batches=1, ema=0.99)  # one step an epoch
+    unbroken = torch.load(train(tiny_config(colours, tmp_path / "unbroken.pt", **settings))["weights"],
+                          weights_only=True)
+    train(tiny_config(colours, tmp_path / "first.pt", **{**settings, "num_epochs": 1}))
+    first = torch.load(tmp_path / "first.pt", weights_only=True)
+    train(tiny_config(colours, tmp_path / "resumed.pt", **settings, resume=str(tmp_path / "first.pt")))
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    assert first["training"]["ema_steps"] == 1 and unbroken["training"]["ema_steps"] == 2
+    for key, average in unbroken["state_dict"].items():
+        raw = unbroken["training"]["raw_state"][key]
+        assert torch.allclose(resumed["state_dict"][key].float(), average.float(), atol=1e-6), key
+        assert torch.allclose(resumed["training"]["raw_state"][key].float(), raw.float(), atol=1e-6), key
+        if average.is_floating_point():
+            # the first step's weights are the average's start; the second moves it 1 - 2/11 of the way (warm-up)
+            expected = first["state_dict"][key].lerp(raw, 9 / 11)
+            assert torch.allclose(average, expected, atol=1e-6), key
+    moved = [k for k, v in unbroken["state_dict"].items() if v.is_floating_point()
+             and not torch.equal(v, unbroken["training"]["raw_state"][k])]
+    assert moved, "the saved weights are the raw ones, not their average"
+    # what cbir-index loads is the average
+    extractor = load_extractor(tmp_path / "unbroken.pt")
+    assert all(torch.equal(v, unbroken["state_dict"][k]) for k, v in extractor.state_dict().items())
+    with pytest.raises(CbirError, match="trained with ema 0.99, not 0.0"):
+        train(tiny_config(colours, tmp_path / "x.pt", num_epochs=3, max_batches=1, resume=str(tmp_path / "first.pt")))
+
+
 def test_resume_refuses_other_settings_and_finished_runs(colours, tmp_path):
     weights = tmp_path / "w.pt"
     train(tiny_config(colours, weights, loss="softmax", num_epochs=1, max_batches=1))
@@ -301,6 +329,7 @@ def test_bad_input_is_refused_in_one_line_before_any_work(colours, tmp_path, cap
     for field, value, message in (("scheduler", "linear", "unknown scheduler 'linear'"),
                                   ("augmentation", "mixup", "unknown augmentation 'mixup'"),
                                   ("head_lr_scale", 0.0, "head_lr_scale must be a positive number"),
+                                  ("ema", 1.0, r"ema must be in \[0, 1\)"),
                                   ("loss", "arcface", "unknown loss 'arcface'"),
                                   ("precision", "fp16", "needs a GPU")):
         if field == "precision" and torch.cuda.is_available():

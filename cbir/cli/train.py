@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default=d["scheduler"], type=_scheduler, choices=[None, *SCHEDULERS],
                    help="None (default: constant), cosine (linear warm-up over the first tenth of the steps, then "
                         "cosine decay to 0), step (×gamma at half and at the end), exponential (×gamma each epoch)")
+    p.add_argument("--ema", type=float, default=d["ema"],
+                   help="keep an exponential moving average of the weights with this decay (with warm-up), and "
+                        "validate and save it (default: 0, off)")
     p.add_argument("--augmentation", default=d["augmentation"], choices=list(AUGMENTATIONS),
                    help="basic (default: the thesis's crops, flips and colour jitter), histology (any of the eight "
                         "right-angle orientations, HED stain and scanner-like colour changes)")
