@@ -185,8 +185,8 @@ def test_ema_saves_the_moving_average_and_resumes_as_the_unbroken_run(colours, t
         assert torch.allclose(resumed["state_dict"][key].float(), average.float(), atol=1e-6), key
         assert torch.allclose(resumed["training"]["raw_state"][key].float(), raw.float(), atol=1e-6), key
         if average.is_floating_point():
-            # the first step's weights are the average's start; the second moves it 1 - 2/11 of the way (warm-up)
-            expected = first["state_dict"][key].lerp(raw, 9 / 11)
+            # the first step's weights are the average's start; the second moves it 2 ** -0.75 of the way (warm-up)
+            expected = first["state_dict"][key].lerp(raw, 2 ** -0.75)
             assert torch.allclose(average, expected, atol=1e-6), key
     moved = [k for k, v in unbroken["state_dict"].items() if v.is_floating_point()
              and not torch.equal(v, unbroken["training"]["raw_state"][k])]
