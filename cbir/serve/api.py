@@ -52,11 +52,6 @@ def check_count(request: Request, files: list[UploadFile]) -> None:
         raise BadInput(f"{len(files)} images in one request; this server takes at most {most}")
 
 
-def decode(request: Request, upload: UploadFile):
-    data = upload.file.read()
-    return decode_upload(data, upload.filename or "upload", request.app.state.config.limits), data
-
-
 async def uploaded(uploads: list[UploadFile]) -> list[tuple[bytes, str]]:
     """(bytes, file name) of each upload, for ``decoded`` to decode off the event loop (async routes)."""
     return [(await upload.read(), upload.filename or "upload") for upload in uploads]
@@ -65,6 +60,13 @@ async def uploaded(uploads: list[UploadFile]) -> list[tuple[bytes, str]]:
 def decoded(request: Request, files: list[tuple[bytes, str]]) -> list:
     limits = request.app.state.config.limits
     return [decode_upload(data, filename, limits) for data, filename in files]
+
+
+def decode(request: Request, upload: UploadFile):
+    """The image and bytes of one upload, read where the route runs (plain routes: a worker thread already)."""
+    data = upload.file.read()
+    image, = decoded(request, [(data, upload.filename or "upload")])
+    return image, data
 
 
 async def off_loop(request: Request, work):
