@@ -574,16 +574,16 @@ class TrainingRun:
             self.optimizer.load_state_dict(resumed["optimizer"])
             if self.loss_fn is not None:
                 self.loss_fn.load_state_dict(resumed["loss_state"])
+            if self.averaged is not None:
+                self.extractor.load_state_dict(resumed["raw_state"])
+                self.averaged.n_averaged.fill_(resumed["ema_steps"])
         except (ValueError, KeyError, RuntimeError) as exc:
-            raise CbirError(f"{self.config.resume}: its optimiser or loss state does not fit this run ({exc})") \
-                from None
+            raise CbirError(f"{self.config.resume}: its optimiser, loss or averaged state does not fit this run "
+                            f"({exc})") from None
         if self.scheduler is not None:
             _load_scheduler_state(self.scheduler, resumed["scheduler"])
         if self.scaler is not None and resumed.get("scaler"):
             self.scaler.load_state_dict(resumed["scaler"])
-        if self.averaged is not None:
-            self.extractor.load_state_dict(resumed["raw_state"])
-            self.averaged.n_averaged.fill_(resumed["ema_steps"])
         self.start_epoch, self.history = resumed["epoch"], list(resumed["history"])
 
     def train_epoch(self, epoch: int) -> dict:
