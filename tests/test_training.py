@@ -196,6 +196,10 @@ def test_ema_saves_the_moving_average_and_resumes_as_the_unbroken_run(colours, t
     assert all(torch.equal(v, unbroken["state_dict"][k]) for k, v in extractor.state_dict().items())
     with pytest.raises(CbirError, match="trained with ema 0.99, not 0.0"):
         train(tiny_config(colours, tmp_path / "x.pt", num_epochs=3, max_batches=1, resume=str(tmp_path / "first.pt")))
+    del first["training"]["raw_state"]  # a checkpoint that lost the raw weights cannot continue
+    torch.save(first, tmp_path / "damaged.pt")
+    with pytest.raises(CbirError, match="averaged state does not fit"):
+        train(tiny_config(colours, tmp_path / "x.pt", **settings, resume=str(tmp_path / "damaged.pt")))
 
 
 def test_resume_refuses_other_settings_and_finished_runs(colours, tmp_path):
