@@ -50,7 +50,7 @@ from cbir.files import check_input_file, check_output_file
 from cbir.labels import PathLookup, check_generalise, classes_for, read_cluster_labels
 from cbir.losses import MetricLoss, check_row_options, create_loss, list_losses
 from cbir.models import (MAX_FEATURES, create_extractor, load_extractor, prefers_channels_last, read_checkpoint,
-                         save_extractor)
+                         save_extractor, stored_state)
 from cbir.plots import plot_loss_curve
 
 log = logging.getLogger(__name__)
@@ -683,7 +683,7 @@ class TrainingRun:
             "loss_state": {k: v.detach().cpu() for k, v in (self.loss_fn.state_dict() if self.loss_fn else {}).items()},
         }
         if self.averaged is not None:
-            resume_state["raw_state"] = {k: v.detach().cpu().contiguous() for k, v in self.extractor.state_dict().items()}
+            resume_state["raw_state"] = stored_state(self.extractor)
             resume_state["ema_steps"] = int(self.averaged.n_averaged)
         save_extractor(self.weights, kept, training={**training_state, **resume_state})
         val_top1 = row["val_top1"]

@@ -209,6 +209,12 @@ def prefers_channels_last(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in module.modules())
 
 
+def stored_state(module: nn.Module) -> dict:
+    """The weights as a checkpoint keeps them: on the CPU, and contiguous (a model that trained in channels_last
+    saves the standard layout)."""
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
 def save_extractor(path: str | Path, extractor: Extractor, **extra) -> Path:
     """Write the checkpoint atomically: a crash never leaves half a file under the final name, two writers never
     share a temporary file, and no temporary file outlives the call."""
@@ -216,8 +222,7 @@ def save_extractor(path: str | Path, extractor: Extractor, **extra) -> Path:
     payload = {
         "format": CHECKPOINT_FORMAT,
         "config": extractor.config,
-        # contiguous: a model that trained in channels_last saves the standard layout
-        "state_dict": {k: v.detach().cpu().contiguous() for k, v in extractor.state_dict().items()},
+        "state_dict": stored_state(extractor),
         **extra,
     }
     with atomic_path(path) as temporary:
