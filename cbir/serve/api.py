@@ -52,12 +52,12 @@ def check_count(request: Request, files: list[UploadFile]) -> None:
         raise BadInput(f"{len(files)} images in one request; this server takes at most {most}")
 
 
-async def uploaded(uploads: list[UploadFile]) -> list[tuple[bytes, str]]:
+async def uploaded(uploads: list[UploadFile]) -> list[tuple[bytes, str | None]]:
     """(bytes, file name) of each upload, for ``decoded`` to decode off the event loop (async routes)."""
-    return [(await upload.read(), upload.filename or "upload") for upload in uploads]
+    return [(await upload.read(), upload.filename) for upload in uploads]
 
 
-def decoded(request: Request, files: list[tuple[bytes, str]]) -> list:
+def decoded(request: Request, files: list[tuple[bytes, str | None]]) -> list:
     limits = request.app.state.config.limits
     return [decode_upload(data, filename, limits) for data, filename in files]
 
@@ -65,7 +65,7 @@ def decoded(request: Request, files: list[tuple[bytes, str]]) -> list:
 def decode(request: Request, upload: UploadFile):
     """The image and bytes of one upload, read where the route runs (plain routes: a worker thread already)."""
     data = upload.file.read()
-    image, = decoded(request, [(data, upload.filename or "upload")])
+    image, = decoded(request, [(data, upload.filename)])
     return image, data
 
 

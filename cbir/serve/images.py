@@ -21,7 +21,7 @@ BROWSER_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif",
 THUMBNAIL_PX = 256
 
 
-def decode_upload(data: bytes, filename: str, limits: Limits) -> Image.Image:
+def decode_upload(data: bytes, filename: str | None, limits: Limits) -> Image.Image:
     """An uploaded file as 8-bit RGB, or one clear 4xx error: empty, not an image, truncated, too large, too small.
 
     The pixel count is checked on the header, before anything is decoded, so a decompression bomb (a small file that
