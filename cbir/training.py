@@ -681,7 +681,7 @@ class TrainingRun:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": _scheduler_state(self.scheduler),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "loss_state": {k: v.detach().cpu() for k, v in (self.loss_fn.state_dict() if self.loss_fn else {}).items()},
+            "loss_state": stored_state(self.loss_fn) if self.loss_fn else {},
         }
         if self.averaged is not None:
             resume_state["raw_state"] = stored_state(self.extractor)

@@ -157,9 +157,9 @@ class Extractor(nn.Module):
     def fingerprint(self) -> str:
         """A short hash of the weights: the database uses it to refuse vectors from another extractor."""
         digest = hashlib.sha256()
-        for key, value in sorted(self.state_dict().items()):
+        for key, value in sorted(stored_state(self).items()):
             digest.update(key.encode())
-            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+            digest.update(value.numpy().tobytes())
         if self.config.get("tta"):  # the same weights give other vectors: another extractor to a database
             digest.update(b"tta")
         return digest.hexdigest()[:16]
