@@ -7,12 +7,14 @@ import os
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import ImageOps
 
 from cbir.database import Database
-from cbir.images import list_images
+from cbir.images import Sample, list_images, load_image
 from cbir.models import create_extractor, save_extractor
 from cbir.synthetic import make_dataset
 from redis_processes import no_server_left_behind, redis_url  # noqa: F401 — fixtures
@@ -43,10 +45,36 @@ def cluster(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def _reader_of(fifo: Path) -> int:
+    """The pid of the process that has ``fifo`` open for reading (not this one)."""
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        if int(fd_dir.parent.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) == str(fifo) for fd in fd_dir.iterdir()):
+                return int(fd_dir.parent.name)
+        except OSError:  # a process that ended, or one of another user
+            continue
+    raise AssertionError(f"no process has {fifo} open")
+
+
+def _ancestors(pid: int) -> set[int]:
+    found = set()
+    while pid > 1:
+        found.add(pid)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the parent's pid
+    return found
+
+
 def test_ray_workers_index_everything_once_even_when_one_dies(cluster, redis_url, tmp_path):
     cluster, workers = cluster
     folder = make_dataset(tmp_path / "data", splits={"index": 40}, size=64)["index"]
-    samples = list_images(folder)
+    # The first chunk holds a named pipe posing as an image: its worker blocks reading it until the test kills that
+    # worker's node, so the kill lands mid-chunk however fast the machine embeds the rest.
+    fifo = tmp_path / "data" / "slow.png"
+    os.mkfifo(fifo)
+    samples = [Sample(str(fifo), "slow")] + list_images(folder)
     torch.manual_seed(0)
     weights = tmp_path / "effnet.pt"
     save_extractor(weights, create_extractor("effnet", 16, pretrained=False, input_size=96))
@@ -55,31 +83,42 @@ def test_ray_workers_index_everything_once_even_when_one_dies(cluster, redis_url
 
         db.set_extractor(load_encoder(weights).describe())  # as cbir-index does before the workers start
 
-    # Kill one worker node as soon as the first chunk is stored.
-    killed = threading.Event()
+    killed, writer = threading.Event(), []
 
-    def kill_when_started():
-        with Database.open("tiles", redis_url=redis_url) as db:
-            deadline = time.monotonic() + 240
-            while len(db) == 0 and time.monotonic() < deadline:
+    def kill_the_blocked_worker():
+        deadline = time.monotonic() + 240
+        while not writer and time.monotonic() < deadline:
+            try:  # succeeds once a worker has the pipe open for reading; held open so its read never ends
+                writer.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
                 time.sleep(0.05)
-        cluster.remove_node(workers[0], allow_graceful=False)
-        killed.set()
+        try:
+            lineage = _ancestors(_reader_of(fifo))
+            node = next(n for n in workers if n.all_processes["raylet"][0].process.pid in lineage)
+            cluster.remove_node(node, allow_graceful=False)
+            killed.set()
+        finally:
+            if not killed.is_set():  # the blocked worker reads an empty file: the run ends and the test fails
+                for fd in writer:
+                    os.close(fd)
+                writer.clear()
 
-    killer = threading.Thread(target=kill_when_started)
+    killer = threading.Thread(target=kill_the_blocked_worker)
     killer.start()
     first = ray_index(samples, weights=str(weights), db_name="tiles", redis_url=redis_url, address=cluster.address,
                       chunk=4, progress=False)
     killer.join()
     assert killed.is_set() and first.workers == 2
+    os.close(writer.pop())
     with Database.open("tiles", redis_url=redis_url) as db:
         stored_after_first = len(db)
-    # The dead worker's chunk is reported (it may have been stored just before the kill); the survivor carried on
-    # with every other chunk.
-    assert 0 < len(first.lost) <= 4
-    assert first.added + len(first.lost) == len(samples)
-    assert first.added <= stored_after_first <= len(samples)
+    # The dead worker's chunk is reported; the survivor carried on with every other chunk.
+    assert first.lost == samples[:4]
+    assert first.added == len(samples) - 4 == stored_after_first
 
+    # The pipe becomes a real image (another tile's mirror image) for the re-run.
+    fifo.unlink()
+    ImageOps.mirror(load_image(samples[1].path)).save(fifo, format="PNG")
     # As a user re-runs once the cluster has noticed the dead node (else Ray may still place a worker on it).
     deadline = time.monotonic() + 120
     while sum(n["Alive"] for n in ray.nodes()) > 2 and time.monotonic() < deadline:
