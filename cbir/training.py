@@ -85,6 +85,7 @@ class TrainConfig:
     ema: float = 0.0
     augmentation: str = DEFAULT_AUGMENTATION  # cbir.data.AUGMENTATIONS
     freeze: bool = False
+    freeze_bn: bool = False  # the backbone's BatchNorm layers keep their pretrained statistics
     pretrained: bool = True
     pretrained_weights: str | None = None
     input_size: int | None = None
@@ -111,7 +112,7 @@ class TrainConfig:
 #: Every field's default, for fronts that expose the fields as flags (they must not restate them).
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name != "training_data"}
 #: What a checkpoint written before a field existed trained with, where that is not today's default.
-BEFORE_THE_KEY = {"min_batches": 0, "ema": 0.0}
+BEFORE_THE_KEY = {"min_batches": 0, "ema": 0.0, "freeze_bn": False}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -508,6 +509,8 @@ class TrainingRun:
         resumed = _resume_state(config, loss_name, class_names, batches) if config.resume else None
         if config.freeze:
             extractor.freeze_backbone()
+        elif config.freeze_bn:
+            extractor.freeze_batchnorm()
         loss_fn = None if trains_itself else create_loss(
             loss_name, num_classes=len(class_names), num_features=extractor.embedding_size,
             augmented=config.augmented, non_contrastive=config.non_contrastive)
@@ -720,8 +723,8 @@ def _resume_state(config: TrainConfig, loss_name: str | None, class_names: list[
         raise CbirError(f"{config.resume} holds no optimiser state (a best-epoch copy or a foreign checkpoint); "
                         f"resume from the last checkpoint cbir-train wrote")
     stored = training["train_config"]
-    for key in ("model", "loss", "num_features", "dr_model", "freeze", "augmented", "non_contrastive", "scheduler",
-                "ema"):
+    for key in ("model", "loss", "num_features", "dr_model", "freeze", "freeze_bn", "augmented", "non_contrastive",
+                "scheduler", "ema"):
         theirs, ours = stored.get(key, BEFORE_THE_KEY.get(key)), loss_name if key == "loss" else getattr(config, key)
         if theirs != ours:
             raise ParameterError(f"{config.resume} was trained with {{{key}}} {theirs}, not {ours}; resume with the "

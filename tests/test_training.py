@@ -363,6 +363,28 @@ def test_the_histology_recipe_warms_up_decays_to_zero_and_trains_the_head_ten_ti
     assert all(a >= b for a, b in zip(rates[1:], rates[2:])) and rates[-1] < 0.01
 
 
+def test_freeze_bn_keeps_the_backbones_batchnorm_statistics_while_its_weights_learn(colours, tmp_path):
+    def trained(name, **settings):
+        torch.manual_seed(0)  # the same initial weights for both runs
+        train(tiny_config(colours, tmp_path / name, loss="margin", num_epochs=2, pretrained=False, **settings))
+        return torch.load(tmp_path / name, weights_only=True)
+
+    frozen, moving = trained("frozen.pt", freeze_bn=True), trained("moving.pt", freeze_bn=False)
+    statistics = ("backbone.1.running_mean", "backbone.1.running_var", "backbone.1.num_batches_tracked")
+    # the statistics the backbone started with (a fresh BatchNorm's: mean 0, variance 1), not a batch's
+    assert torch.equal(frozen["state_dict"][statistics[0]], torch.zeros(16))
+    assert torch.equal(frozen["state_dict"][statistics[1]], torch.ones(16))
+    assert frozen["state_dict"][statistics[2]] == 0
+    assert all(not torch.equal(moving["state_dict"][key].float(), frozen["state_dict"][key].float())
+               for key in statistics)
+    # while the weights still learn, BatchNorm's own scale and shift (which start at 1 and 0) included
+    assert not torch.equal(frozen["state_dict"]["backbone.1.weight"], torch.ones(16))
+    assert not torch.equal(frozen["state_dict"]["backbone.1.bias"], torch.zeros(16))
+    with pytest.raises(CbirError, match="trained with freeze_bn True, not False"):
+        train(tiny_config(colours, tmp_path / "x.pt", loss="margin", num_epochs=3, pretrained=False,
+                          freeze_bn=False, resume=str(tmp_path / "frozen.pt")))
+
+
 def test_the_cli_defaults_are_the_package_defaults():
     args = train_cli.parser().parse_args(["--training_data", "x"])
     for key, value in vars(TrainConfig(training_data="x")).items():

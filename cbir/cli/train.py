@@ -58,6 +58,8 @@ def parser() -> argparse.ArgumentParser:
                    help="basic (default: the thesis's crops, flips and colour jitter), histology (any of the eight "
                         "right-angle orientations, HED stain and scanner-like colour changes)")
     p.add_argument("--freeze", action="store_true", help="train the head only")
+    p.add_argument("--freeze_bn", action="store_true",
+                   help="keep the backbone's BatchNorm statistics as pretrained (its weights still learn)")
     p.add_argument("--scratch", action="store_true", help="no ImageNet weights: train from random initialisation")
     p.add_argument("--pretrained_weights", default=None, help="ImageNet weights file for the backbone (offline use)")
     p.add_argument("--input_size", type=int, default=None,

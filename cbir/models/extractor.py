@@ -63,7 +63,7 @@ class Extractor(nn.Module):
 
     def __init__(self, config: dict, pretrained: bool = False, weights_file: str | None = None):
         super().__init__()
-        self._backbone_frozen = False
+        self._backbone_frozen = self._batchnorm_frozen = False
         spec = get_backbone(config["model"], config.get("backbone_config"))
         input_size = int(config.get("input_size") or spec.input_size)
         if input_size < spec.min_input_size:
@@ -143,11 +143,21 @@ class Extractor(nn.Module):
         self._backbone_frozen = True
         self.backbone.eval()
 
+    def freeze_batchnorm(self) -> None:
+        """Keep the backbone's BatchNorm statistics (the pretrained ones) while its weights learn: every batch is
+        normalised as the embedding will be, not by the statistics of one class-balanced batch."""
+        self._batchnorm_frozen = True
+        self.train(self.training)
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self._backbone_frozen:
             # A frozen backbone in train mode would still drift its BatchNorm running statistics.
             self.backbone.eval()
+        elif self._batchnorm_frozen:
+            for module in self.backbone.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
     def transform(self, train: bool = False, augmentation: str = DEFAULT_AUGMENTATION):
