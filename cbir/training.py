@@ -112,7 +112,7 @@ class TrainConfig:
 #: Every field's default, for fronts that expose the fields as flags (they must not restate them).
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name != "training_data"}
 #: What a checkpoint written before a field existed trained with, where that is not today's default.
-BEFORE_THE_KEY = {"min_batches": 0, "ema": 0.0, "freeze_bn": False}
+BEFORE_THE_KEY = {"min_batches": 0, "ema": 0.0}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -725,7 +725,8 @@ def _resume_state(config: TrainConfig, loss_name: str | None, class_names: list[
     stored = training["train_config"]
     for key in ("model", "loss", "num_features", "dr_model", "freeze", "freeze_bn", "augmented", "non_contrastive",
                 "scheduler", "ema"):
-        theirs, ours = stored.get(key, BEFORE_THE_KEY.get(key)), loss_name if key == "loss" else getattr(config, key)
+        theirs = stored.get(key, BEFORE_THE_KEY.get(key, DEFAULTS.get(key)))
+        ours = loss_name if key == "loss" else getattr(config, key)
         if theirs != ours:
             raise ParameterError(f"{config.resume} was trained with {{{key}}} {theirs}, not {ours}; resume with the "
                                  f"same settings", key)
