@@ -44,7 +44,6 @@ def cluster(tmp_path, monkeypatch):
     cluster.shutdown()
 
 
-@pytest.mark.slow
 def _reader_of(fifo: Path) -> int:
     """The pid of the process that has ``fifo`` open for reading (not this one)."""
     for fd_dir in Path("/proc").glob("[0-9]*/fd"):
@@ -67,6 +66,7 @@ def _ancestors(pid: int) -> set[int]:
     return found
 
 
+@pytest.mark.slow
 def test_ray_workers_index_everything_once_even_when_one_dies(cluster, redis_url, tmp_path):
     cluster, workers = cluster
     folder = make_dataset(tmp_path / "data", splits={"index": 40}, size=64)["index"]
