@@ -723,17 +723,21 @@ def _resume_state(config: TrainConfig, loss_name: str | None, class_names: list[
         raise CbirError(f"{config.resume} holds no optimiser state (a best-epoch copy or a foreign checkpoint); "
                         f"resume from the last checkpoint cbir-train wrote")
     stored = training["train_config"]
+
+    def trained_with(key: str):
+        # A key the checkpoint lacks was written before it existed: what it meant then, else today's default.
+        return stored.get(key, BEFORE_THE_KEY.get(key, DEFAULTS.get(key)))
+
     for key in ("model", "loss", "num_features", "dr_model", "freeze", "freeze_bn", "augmented", "non_contrastive",
                 "scheduler", "ema"):
-        theirs = stored.get(key, BEFORE_THE_KEY.get(key, DEFAULTS.get(key)))
-        ours = loss_name if key == "loss" else getattr(config, key)
+        theirs, ours = trained_with(key), loss_name if key == "loss" else getattr(config, key)
         if theirs != ours:
             raise ParameterError(f"{config.resume} was trained with {{{key}}} {theirs}, not {ours}; resume with the "
                                  f"same settings", key)
     if payload["config"].get("class_names") != class_names:
         raise CbirError(f"{config.resume} was trained on other classes than those under {config.training_data}")
     for key in ("seed", "batch_size", "images_per_class", "min_batches", "max_batches"):
-        theirs, ours = stored.get(key, BEFORE_THE_KEY.get(key, DEFAULTS[key])), getattr(config, key)
+        theirs, ours = trained_with(key), getattr(config, key)
         same = theirs == ours
         if key == "min_batches":  # a set that fills more batches than either minimum trains the same under both
             same = batches.epoch_length(theirs) == batches.epoch_length(ours)

@@ -365,8 +365,7 @@ def test_the_histology_recipe_warms_up_decays_to_zero_and_trains_the_head_ten_ti
 
 
 def test_freeze_bn_keeps_the_backbones_batchnorm_statistics_while_its_weights_learn(colours, tmp_path):
-    def trained(name, **settings):
-        torch.manual_seed(0)  # the same initial weights for both runs
+    def trained(name, **settings):  # both from the same initial weights: training seeds itself (seed 0)
         train(tiny_config(colours, tmp_path / name, loss="margin", num_epochs=2, pretrained=False, **settings))
         return torch.load(tmp_path / name, weights_only=True)
 
