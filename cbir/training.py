@@ -86,6 +86,7 @@ class TrainConfig:
     augmentation: str = DEFAULT_AUGMENTATION  # cbir.data.AUGMENTATIONS
     freeze: bool = False
     freeze_bn: bool = False  # the backbone's BatchNorm layers keep their pretrained statistics
+    tta: bool = False  # the checkpoint embeds each image as the mean vector over its eight right-angle orientations
     pretrained: bool = True
     pretrained_weights: str | None = None
     input_size: int | None = None
@@ -511,6 +512,8 @@ class TrainingRun:
             extractor.freeze_backbone()
         elif config.freeze_bn:
             extractor.freeze_batchnorm()
+        if config.tta:  # training never sees it (train mode embeds one orientation); validation and the checkpoint do
+            extractor.config["tta"] = True
         loss_fn = None if trains_itself else create_loss(
             loss_name, num_classes=len(class_names), num_features=extractor.embedding_size,
             augmented=config.augmented, non_contrastive=config.non_contrastive)

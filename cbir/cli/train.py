@@ -60,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze", action="store_true", help="train the head only")
     p.add_argument("--freeze_bn", action="store_true",
                    help="keep the backbone's BatchNorm statistics as pretrained (its weights still learn)")
+    p.add_argument("--tta", action="store_true",
+                   help="the checkpoint embeds an image as the mean vector over its eight right-angle orientations "
+                        "(test-time augmentation: 8x the cost of every vector)")
     p.add_argument("--scratch", action="store_true", help="no ImageNet weights: train from random initialisation")
     p.add_argument("--pretrained_weights", default=None, help="ImageNet weights file for the backbone (offline use)")
     p.add_argument("--input_size", type=int, default=None,
