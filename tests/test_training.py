@@ -388,14 +388,14 @@ def test_freeze_bn_keeps_the_backbones_batchnorm_statistics_while_its_weights_le
 def test_tta_makes_a_checkpoint_that_embeds_every_orientation_of_an_image_alike(colours, tmp_path):
     from cbir.models import load_extractor
 
-    corner = torch.zeros(1, 3, 32, 32)
-    corner[..., :8, :20] = 1.0  # an image with an up: a bright bar along one edge, off its centre
-    turned = [corner.rot90(1, (2, 3)), corner.flip(3), corner.transpose(2, 3)]
+    bar = torch.zeros(1, 3, 32, 32)
+    bar[..., :8, :20] = 1.0  # an image with an up: a bright bar along one edge, off its centre
+    turned = [bar.rot90(1, (2, 3)), bar.flip(3), bar.transpose(2, 3)]
     for tta in (False, True):
         train(tiny_config(colours, tmp_path / f"{tta}.pt", num_epochs=1, pretrained=False, tta=tta))
         extractor = load_extractor(tmp_path / f"{tta}.pt").eval()
         with torch.inference_mode():
-            vectors = [extractor(image) for image in (corner, *turned)]
+            vectors = [extractor(image) for image in (bar, *turned)]
         alike = [torch.allclose(vectors[0], v, atol=1e-5) for v in vectors[1:]]
         assert alike == [tta] * 3, (tta, alike)
     assert train_cli.parser().parse_args(["--training_data", "x", "--tta"]).tta
