@@ -49,8 +49,8 @@ from cbir.errors import CbirError, ParameterError, check_at_least
 from cbir.files import check_input_file, check_output_file
 from cbir.labels import PathLookup, check_generalise, classes_for, read_cluster_labels
 from cbir.losses import MetricLoss, check_row_options, create_loss, list_losses
-from cbir.models import (MAX_FEATURES, create_extractor, load_extractor, prefers_channels_last, read_checkpoint,
-                         save_extractor, stored_state)
+from cbir.models import (MAX_FEATURES, POOLINGS, TTA_COUNTS, create_extractor, load_extractor,
+                         prefers_channels_last, read_checkpoint, save_extractor, stored_state)
 from cbir.plots import plot_loss_curve
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,8 @@ class TrainConfig:
     augmentation: str = DEFAULT_AUGMENTATION  # cbir.data.AUGMENTATIONS
     freeze: bool = False
     freeze_bn: bool = False  # the backbone's BatchNorm layers keep their pretrained statistics
-    tta: bool = False  # the checkpoint embeds each image as the mean vector over its eight right-angle orientations
+    tta: int = 0  # 2, 4 or 8: the checkpoint embeds each image as the mean vector over that many orientations
+    pooling: str = "avg"  # the backbone's global pooling of its feature maps: avg, or gem (generalised mean, p = 3)
     pretrained: bool = True
     pretrained_weights: str | None = None
     input_size: int | None = None
@@ -131,6 +132,8 @@ def check_config(config: TrainConfig) -> None:
     _check_choice("scheduler", config.scheduler, (None, *SCHEDULERS))
     _check_choice("precision", config.precision, PRECISIONS)
     _check_choice("augmentation", config.augmentation, list(AUGMENTATIONS))
+    _check_choice("pooling", config.pooling, POOLINGS)
+    _check_choice("tta", config.tta, (0, *TTA_COUNTS))
     if config.loss is not None:
         _check_choice("loss", config.loss, list_losses())
     for name in ("num_epochs", "batch_size", "images_per_class", "min_batches", "max_batches", "num_workers", "gpu_id",
@@ -494,7 +497,8 @@ class TrainingRun:
         class_names = sorted({s.class_name for s in train_samples})
         extractor = load_extractor(config.resume) if config.resume else create_extractor(
             config.model, config.num_features, dr_model=config.dr_model, pretrained=config.pretrained,
-            weights_file=config.pretrained_weights, input_size=config.input_size, class_names=class_names)
+            weights_file=config.pretrained_weights, input_size=config.input_size, class_names=class_names,
+            pooling=config.pooling)
         trains_itself = bool(getattr(extractor, "trains_itself", False))
         loss_name = check_objective(config, trains_itself)
         if trains_itself:
@@ -513,7 +517,7 @@ class TrainingRun:
         elif config.freeze_bn:
             extractor.freeze_batchnorm()
         if config.tta:  # training never sees it (train mode embeds one orientation); validation and the checkpoint do
-            extractor.config["tta"] = True
+            extractor.config["tta"] = config.tta
         loss_fn = None if trains_itself else create_loss(
             loss_name, num_classes=len(class_names), num_features=extractor.embedding_size,
             augmented=config.augmented, non_contrastive=config.non_contrastive)
@@ -732,7 +736,7 @@ def _resume_state(config: TrainConfig, loss_name: str | None, class_names: list[
         return stored.get(key, BEFORE_THE_KEY.get(key, DEFAULTS.get(key)))
 
     for key in ("model", "loss", "num_features", "dr_model", "freeze", "freeze_bn", "augmented", "non_contrastive",
-                "scheduler", "ema"):
+                "scheduler", "ema", "pooling"):
         theirs, ours = trained_with(key), loss_name if key == "loss" else getattr(config, key)
         if theirs != ours:
             raise ParameterError(f"{config.resume} was trained with {{{key}}} {theirs}, not {ours}; resume with the "

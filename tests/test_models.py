@@ -96,3 +96,29 @@ def test_test_time_augmentation_gives_one_vector_however_the_image_lies(tmp_path
         assert torch.allclose(again(images), averaged, atol=1e-5)
     extractor.config["tta"] = False
     assert extractor.fingerprint() != again.fingerprint()
+
+
+def test_gem_pooling_travels_with_the_checkpoint_and_weighs_strong_activations_more(tmp_path):
+    from cbir.errors import ParameterError
+    from cbir.models.backbones import global_pool
+
+    spot = torch.zeros(1, 1, 4, 4)
+    spot[..., 0, 0] = 16.0  # one strong activation: its mean is 1, its maximum 16
+    flat = torch.ones(1, 1, 4, 4)
+    assert global_pool(spot).item() == global_pool(flat).item() == 1.0
+    assert 1.0 < global_pool(spot, "gem").item() < 16.0 and abs(global_pool(flat, "gem").item() - 1.0) < 1e-5
+
+    made = {}
+    for pooling in ("avg", "gem"):
+        torch.manual_seed(0)  # the same weights, head included: only the pooling differs
+        made[pooling] = create_extractor("effnet", 8, pretrained=True, input_size=96, pooling=pooling).eval()
+    images = torch.rand(2, 3, 96, 96)
+    again = load_extractor(save_extractor(tmp_path / "gem.pt", made["gem"]))
+    assert again.config["pooling"] == "gem"
+    with torch.inference_mode():
+        assert torch.allclose(again(images), made["gem"](images), atol=1e-6)
+        assert not torch.allclose(made["avg"](images), made["gem"](images), atol=1e-3)
+    # the same weights give other vectors: another extractor to a database
+    assert again.fingerprint() != made["avg"].fingerprint()
+    with pytest.raises(ParameterError, match="'resnet' pools its features its own way"):
+        create_extractor("resnet", 8, pretrained=False, pooling="gem")

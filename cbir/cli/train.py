@@ -19,7 +19,7 @@ def _scheduler(text: str) -> str | None:
 def parser() -> argparse.ArgumentParser:
     from cbir.data import AUGMENTATIONS
     from cbir.losses import list_losses
-    from cbir.models import check_model_name
+    from cbir.models import POOLINGS, TTA_COUNTS, check_model_name
 
     d = DEFAULTS
     p = command_parser("cbir-train", "Train a feature extractor (deep metric learning).")
@@ -60,9 +60,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze", action="store_true", help="train the head only")
     p.add_argument("--freeze_bn", action="store_true",
                    help="keep the backbone's BatchNorm statistics as pretrained (its weights still learn)")
-    p.add_argument("--tta", action="store_true",
-                   help="the checkpoint embeds an image as the mean vector over its eight right-angle orientations "
-                        "(test-time augmentation: 8x the cost of every vector)")
+    p.add_argument("--tta", type=int, nargs="?", const=8, default=d["tta"], choices=(0, *TTA_COUNTS),
+                   help="the checkpoint embeds an image as the mean vector over its right-angle orientations "
+                        "(test-time augmentation): --tta alone all eight, --tta 4 the rotations, --tta 2 the image "
+                        "and its mirror image; N times the cost of every vector")
+    p.add_argument("--pooling", default=d["pooling"], choices=list(POOLINGS),
+                   help="how the backbone pools its feature maps: avg (default), gem (generalised mean, p = 3)")
     p.add_argument("--scratch", action="store_true", help="no ImageNet weights: train from random initialisation")
     p.add_argument("--pretrained_weights", default=None, help="ImageNet weights file for the backbone (offline use)")
     p.add_argument("--input_size", type=int, default=None,

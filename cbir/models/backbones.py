@@ -27,19 +27,32 @@ from cbir.models.weights import (  # noqa: F401 — re-exported: the foundation'
 TORCH_CACHE = "torchvision ImageNet (torch cache)"
 
 
+#: How a backbone that keeps its feature maps to itself pools them (``Extractor`` sets ``pooling`` from its config).
+POOLINGS = ("avg", "gem")
+
+
+def global_pool(x: torch.Tensor, pooling: str = "avg") -> torch.Tensor:
+    """(B, C, H, W) feature maps → (B, C). ``gem``: generalised mean with p = 3 (Radenović et al. 2018), between the
+    average and the maximum: a few strong activations (a cell in a field of red cells) weigh more than in a mean."""
+    if pooling == "gem":
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(x.clamp(min=1e-6).pow(3), 1).pow(1 / 3), 1)
+    return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+
 class Pooled(nn.Module):
-    """Convolutional feature maps → global average pool → (B, C)."""
+    """Convolutional feature maps → global pool → (B, C)."""
 
     def __init__(self, features: nn.Module, final_relu: bool = False):
         super().__init__()
         self.features = features
         self.final_relu = final_relu
+        self.pooling = "avg"
 
     def forward(self, x):
         x = self.features(x)
         if self.final_relu:
             x = torch.relu(x)
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        return global_pool(x, self.pooling)
 
 
 def imagenet_state(pretrained: bool, weights_enum, name: str, weights_file: str | None, convert=None) -> dict | None:
@@ -223,9 +236,10 @@ class EfficientNetLite(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+        self.pooling = "avg"
 
     def forward(self, x):
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.model.extract_features(x), 1), 1)
+        return global_pool(self.model.extract_features(x), self.pooling)
 
 
 def _efficientnet_lite(variant: int, weights_file: str | None, pretrained: bool):

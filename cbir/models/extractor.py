@@ -22,6 +22,7 @@ from cbir.models import backbones as _backbones  # noqa: F401, I001
 from cbir.models import timm_models as _timm_models  # noqa: F401 — deit and the timm:<name> family
 from cbir.models import autoencoders as _autoencoders  # noqa: F401
 from cbir.models import byol as _byol  # noqa: F401
+from cbir.models.backbones import POOLINGS
 from cbir.models.registry import BACKBONES, get_backbone
 
 CHECKPOINT_FORMAT = 1
@@ -47,10 +48,25 @@ class DeepRanking(nn.Module):
         return torch.cat([deep, F.normalize(shallow, dim=1)], 1)
 
 
-def orientations(x: torch.Tensor) -> torch.Tensor:
-    """The eight right-angle orientations (four rotations, each mirrored) of a batch of square images, stacked."""
-    t = x.transpose(2, 3)
+#: How many right-angle orientations test-time augmentation may average: the image and its mirror image, the four
+#: rotations, or all eight (the four rotations, each mirrored).
+TTA_COUNTS = (2, 4, 8)
+
+
+def orientations(x: torch.Tensor, count: int = 8) -> torch.Tensor:
+    """``count`` right-angle orientations of a batch of square images, stacked (see ``TTA_COUNTS``)."""
+    t = x.transpose(2, 3)  # torch.rot90(x, 1, (2, 3)) is t.flip(2), by -1 t.flip(3)
+    if count == 2:
+        return torch.cat([x, x.flip(3)])
+    if count == 4:
+        return torch.cat([x, t.flip(2), x.flip(2, 3), t.flip(3)])
     return torch.cat([x, x.flip(3), x.flip(2), x.flip(2, 3), t, t.flip(3), t.flip(2), t.flip(2, 3)])
+
+
+def tta_count(config: dict) -> int:
+    """The orientations a checkpoint's configuration averages over; 0 for none (``True``, before the count: 8)."""
+    tta = config.get("tta") or 0
+    return 8 if tta is True else int(tta)
 
 
 class Extractor(nn.Module):
@@ -73,6 +89,15 @@ class Extractor(nn.Module):
             raise ParameterError(f"{{dr_model}} wraps a backbone trained by metric learning; '{config['model']}' "
                                  "trains itself with its own objective", "dr_model")
         backbone, feature_dim = spec.create(pretrained=pretrained, weights_file=weights_file, input_size=input_size)
+        pooling = config.get("pooling") or "avg"  # checkpoints from before the key pooled by the average
+        if pooling != "avg":
+            if pooling not in POOLINGS:
+                raise ParameterError(f"unknown {{pooling}} {pooling!r}; choose one of: {', '.join(POOLINGS)}",
+                                     "pooling")
+            if not hasattr(backbone, "pooling"):
+                raise ParameterError(f"'{config['model']}' pools its features its own way; {{pooling}} {pooling} "
+                                     "applies to densenet, kimianet, effnet and effnet_lite2", "pooling")
+            backbone.pooling = pooling
         if config.get("dr_model"):
             backbone, feature_dim = DeepRanking(backbone, feature_dim), 4096 + 2 * 96 * 16
         self.backbone = backbone
@@ -87,6 +112,7 @@ class Extractor(nn.Module):
             "mean": list(config.get("mean") or spec.mean),
             "std": list(config.get("std") or spec.std),
             "embedding_size": num_features,
+            "pooling": pooling,
         }
         if spec.extra:
             self.config["backbone_config"] = spec.extra
@@ -107,10 +133,11 @@ class Extractor(nn.Module):
         return hasattr(self.backbone, "reconstruct")
 
     def forward(self, x):
-        if self.config.get("tta") and not self.training:
-            # Tissue has no up: the mean over the eight orientations is one vector however the image lies.
-            vectors = F.normalize(self.head(self.backbone(orientations(x))), dim=1)
-            return F.normalize(vectors.reshape(8, -1, vectors.shape[1]).mean(0), dim=1)
+        count = tta_count(self.config)
+        if count and not self.training:
+            # Tissue has no up: the mean over its orientations is one vector however the image lies.
+            vectors = F.normalize(self.head(self.backbone(orientations(x, count))), dim=1)
+            return F.normalize(vectors.reshape(count, -1, vectors.shape[1]).mean(0), dim=1)
         return F.normalize(self.head(self.backbone(x)), dim=1)
 
     def training_loss(self, images: torch.Tensor) -> torch.Tensor:
@@ -170,8 +197,12 @@ class Extractor(nn.Module):
         for key, value in sorted(stored_state(self).items()):
             digest.update(key.encode())
             digest.update(value.numpy().tobytes())
-        if self.config.get("tta"):  # the same weights give other vectors: another extractor to a database
-            digest.update(b"tta")
+        # The same weights give other vectors under these: another extractor to a database.
+        count = tta_count(self.config)
+        if count:  # eight hashed as before there was a count: those checkpoints keep their databases
+            digest.update(b"tta" if count == 8 else b"tta%d" % count)
+        if self.config["pooling"] != "avg":
+            digest.update(self.config["pooling"].encode())
         return digest.hexdigest()[:16]
 
     def describe(self) -> dict:
@@ -198,6 +229,7 @@ def create_extractor(
     weights_file: str | None = None,
     input_size: int | None = None,
     class_names: list[str] | None = None,
+    pooling: str = "avg",
 ) -> Extractor:
     if isinstance(num_features, bool) or not isinstance(num_features, int) or not 0 <= num_features <= MAX_FEATURES:
         raise ParameterError(f"{{num_features}} must lie between 1 and {MAX_FEATURES} (or be 0 for the backbone's "
@@ -209,6 +241,7 @@ def create_extractor(
         "input_size": input_size,
         "pretrained": pretrained,
         "class_names": list(class_names or []),
+        "pooling": pooling,
     }
     return Extractor(config, pretrained=pretrained, weights_file=weights_file)
 
