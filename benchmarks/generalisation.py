@@ -178,16 +178,16 @@ def score(query: tuple, database: tuple, same: dict | None = None) -> dict:
 
 
 def run_regime(regime: str, seed: int, parts: dict, folder: Path, extra: list[str], colour_of: str,
-               tta: bool = False, trained: dict | None = None) -> dict:
+               tta: int = 0, trained: dict | None = None) -> dict:
     from cbir.data import Sample
     from cbir.models import load_extractor
     from cbir.labels import restrict_samples
 
-    row: dict = {"regime": regime, "seed": seed}
+    row: dict = {"regime": regime, "seed": seed, **({"tta_count": tta} if tta else {})}
     if regime == "colour":  # a model this seed already trained, its index as it was, queries shifted
         extractor = load_extractor(folder / "weights" / f"{colour_of}.pt")
         for prefix in ("", *(["tta_"] if tta else [])):
-            extractor.config["tta"] = bool(prefix)
+            extractor.config["tta"] = tta if prefix else 0
             database, validation = embed_items(extractor, parts["index"]), embed_items(extractor, parts["val"])
             row[f"{prefix}class_top1_clean"] = score(embed_items(extractor, parts["query"]), database)["class_top1"]
             for kind in COLOUR_SHIFTS:
@@ -219,8 +219,8 @@ def run_regime(regime: str, seed: int, parts: dict, folder: Path, extra: list[st
         return [(s.path, s.class_name) for s in kept]
 
     wall = time.perf_counter()
-    for prefix in ("", *(["tta_"] if tta else [])):  # tta_: the mean vector over the eight orientations
-        extractor.config["tta"] = bool(prefix)
+    for prefix in ("", *(["tta_"] if tta else [])):  # tta_: the mean vector over tta orientations
+        extractor.config["tta"] = tta if prefix else 0
         scores = score(embed_items(extractor, unseen(parts["query"])), embed_items(extractor, unseen(parts["index"])))
         row |= {prefix + key: value for key, value in scores.items() if key in KEYS or not prefix}
         validation = embed_items(extractor, unseen(parts["val"]))
@@ -264,7 +264,8 @@ def markdown(name: str, extra: str, table: list[dict]) -> str:
             [cells(line, k) for k in (*KEYS, "val_class_top1", "val_map_at_r")]
             + [cells(line, k, "{:.0f}") for k in ("train_wall_s", "train_cpu_s")]) + " |")
     if any("tta_class_top1" in line for line in table):
-        out += ["\nThe same models, each vector the mean over the eight orientations (test-time augmentation):\n",
+        count = next(line.get("tta_count", 8) for line in table if "tta_class_top1" in line)
+        out += [f"\nThe same models, each vector the mean over {count} orientations (test-time augmentation):\n",
                 "| regime | seeds | class top-1 | top-5 | maj | MAP@R | val top-1 | val MAP@R |",
                 "|---|---|---|---|---|---|---|---|"]
         out += [f"| {line['regime']} | {line['seeds']} | " + " | ".join(
@@ -296,8 +297,9 @@ def main(argv=None) -> None:
                    help="the regime whose models the colour regime queries (default: folds; small is cheaper)")
     p.add_argument("--input_size", type=int, default=128,
                    help="input size every run trains and embeds at (the campaign's budget; 0: the model's own, 224)")
-    p.add_argument("--tta", action="store_true",
-                   help="also score every model with test-time augmentation (the mean over eight orientations)")
+    p.add_argument("--tta", type=int, nargs="?", const=8, default=0, choices=(0, 2, 4, 8),
+                   help="also score every model with test-time augmentation: the mean over this many orientations "
+                        "(alone: eight)")
     p.add_argument("--report", action="store_true", help="run nothing: tabulate the runs already finished")
     p.add_argument("--work", default="experiments/generalisation", help="copies, checkpoints and finished runs")
     p.add_argument("--results", default="excel_results", help="where the table, JSON and workbook go")
@@ -326,7 +328,7 @@ def main(argv=None) -> None:
     parts_key = "-".join(str(getattr(args, f"{part}_per_class")) for part in ("query", "index", "val", "train", "small"))
     kept = [r for r in done if r.get("train_args", "") == args.train_args and r.get("parts", "10-15-6-20-10") == parts_key]
     kept = list({(r["regime"], r["seed"]): r for r in kept}.values())  # a run scored again replaces its first row
-    rows = [r for r in kept if not args.tta or args.report or "tta_class_top1" in r]
+    rows = [r for r in kept if not args.tta or args.report or tta_count(r) == args.tta]
     if args.report and not rows:  # an empty table would replace the recipe's results
         sys.exit(f"no finished runs of {args.name} with --train_args '{args.train_args}' and these part sizes in "
                  f"{done_file}; nothing written")
@@ -340,7 +342,7 @@ def main(argv=None) -> None:
                             val=args.val_per_class, train=args.train_per_class, small=args.small_per_class)
             folder = work / f"seed{seed}"
             materialise(parts, folder)
-            # With --tta, a kept run without TTA scores is scored again on its own model (the weights are kept).
+            # With --tta, a kept run without scores at that count is scored again on its own model (weights kept).
             trained = next((r for r in kept if r["regime"] == regime and r["seed"] == seed), None)
             row = run_regime(regime, seed, parts, folder, extra, args.colour_of, args.tta, trained) | {
                 "name": args.name, "train_args": args.train_args, "parts": parts_key}
@@ -363,6 +365,11 @@ def main(argv=None) -> None:
 
     write_excel_sheet(pd.DataFrame(table).set_index("regime"), results / "generalisation.xlsx", args.name[:31])
     write_excel_sheet(pd.DataFrame(rows), results / "generalisation.xlsx", (args.name + " runs")[:31])
+
+
+def tta_count(row: dict) -> int:
+    """The orientations a run's tta_ scores averaged (runs from before the count: eight), 0 for none."""
+    return row.get("tta_count", 8) if "tta_class_top1" in row else 0
 
 
 def _merge_json(path: Path, name: str, entry: dict) -> None:
