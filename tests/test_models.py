@@ -96,6 +96,9 @@ def test_test_time_augmentation_gives_one_vector_however_the_image_lies(tmp_path
         assert torch.allclose(again(images), averaged, atol=1e-5)
     extractor.config["tta"] = False
     assert extractor.fingerprint() != again.fingerprint()
+    extractor.config["tta"] = 3  # a count no orientation set has: refused when the checkpoint loads
+    with pytest.raises(CbirError, match="tta must be one of 2, 4, 8 orientations, got 3"):
+        load_extractor(save_extractor(tmp_path / "tta3.pt", extractor))
 
 
 def test_gem_pooling_travels_with_the_checkpoint_and_weighs_strong_activations_more(tmp_path):

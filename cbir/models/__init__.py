@@ -7,7 +7,7 @@ from cbir.models.registry import BACKBONES, check_model_name, get_backbone, list
 from cbir.models.catalog import describe_models, models_table
 
 __all__ = [
-    "BACKBONES", "MAX_FEATURES", "POOLINGS", "TTA_COUNTS", "Extractor", "check_model_name", "create_extractor", "describe_models",
-    "get_backbone", "list_models", "load_extractor", "models_table", "prefers_channels_last", "read_checkpoint", "register_backbone", "save_extractor",
-    "stored_state",
+    "BACKBONES", "MAX_FEATURES", "POOLINGS", "TTA_COUNTS", "Extractor", "check_model_name", "create_extractor",
+    "describe_models", "get_backbone", "list_models", "load_extractor", "models_table", "prefers_channels_last",
+    "read_checkpoint", "register_backbone", "save_extractor", "stored_state",
 ]

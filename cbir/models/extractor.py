@@ -98,6 +98,9 @@ class Extractor(nn.Module):
                 raise ParameterError(f"'{config['model']}' pools its features its own way; {{pooling}} {pooling} "
                                      "applies to densenet, kimianet, effnet and effnet_lite2", "pooling")
             backbone.pooling = pooling
+        if tta_count(config) not in (0, *TTA_COUNTS):
+            raise ParameterError(f"{{tta}} must be one of {', '.join(map(str, TTA_COUNTS))} orientations, got "
+                                 f"{config['tta']!r}", "tta")
         if config.get("dr_model"):
             backbone, feature_dim = DeepRanking(backbone, feature_dim), 4096 + 2 * 96 * 16
         self.backbone = backbone
