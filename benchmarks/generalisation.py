@@ -264,7 +264,8 @@ def markdown(name: str, extra: str, table: list[dict]) -> str:
             [cells(line, k) for k in (*KEYS, "val_class_top1", "val_map_at_r")]
             + [cells(line, k, "{:.0f}") for k in ("train_wall_s", "train_cpu_s")]) + " |")
     if any("tta_class_top1" in line for line in table):
-        count = next(line.get("tta_count", 8) for line in table if "tta_class_top1" in line)
+        # the table holds the mean over the runs' counts, all one count: 4.0 is printed as 4
+        count = int(next(line.get("tta_count", 8) for line in table if "tta_class_top1" in line))
         out += [f"\nThe same models, each vector the mean over {count} orientations (test-time augmentation):\n",
                 "| regime | seeds | class top-1 | top-5 | maj | MAP@R | val top-1 | val MAP@R |",
                 "|---|---|---|---|---|---|---|---|"]
