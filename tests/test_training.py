@@ -391,17 +391,20 @@ def test_tta_makes_a_checkpoint_that_embeds_every_orientation_of_an_image_alike(
     bar = torch.zeros(1, 3, 32, 32)
     bar[..., :8, :20] = 1.0  # an image with an up: a bright bar along one edge, off its centre
     turned = [bar.rot90(1, (2, 3)), bar.rot90(2, (2, 3)), bar.flip(3), bar.transpose(2, 3)]
-    # which of those each count embeds as the image itself: none; the mirror image; the rotations; all
-    expected = {0: [False] * 4, 2: [False, False, True, False], 4: [True, True, False, False], 8: [True] * 4}
+    # which of those each count embeds as the image itself: none; the mirror image; the rotations; all; and with
+    # no --tta (today's default, None here) the rotations: a tile turned on its side is the same query
+    expected = {0: [False] * 4, 2: [False, False, True, False], 4: [True, True, False, False], 8: [True] * 4,
+                None: [True, True, False, False]}
     for tta, alike_expected in expected.items():
-        train(tiny_config(colours, tmp_path / f"{tta}.pt", num_epochs=1, pretrained=False, tta=tta))
+        chosen = {} if tta is None else {"tta": tta}
+        train(tiny_config(colours, tmp_path / f"{tta}.pt", num_epochs=1, pretrained=False, **chosen))
         extractor = load_extractor(tmp_path / f"{tta}.pt").eval()
         with torch.inference_mode():
             vectors = [extractor(image) for image in (bar, *turned)]
         alike = [torch.allclose(vectors[0], v, atol=1e-5) for v in vectors[1:]]
         assert alike == alike_expected, (tta, alike)
     assert [train_cli.parser().parse_args(["--training_data", "x", *flags]).tta
-            for flags in ([], ["--tta"], ["--tta", "4"])] == [0, 8, 4]
+            for flags in ([], ["--tta"], ["--tta", "0"], ["--tta", "2"])] == [4, 8, 0, 2]
     with pytest.raises(CbirError, match="unknown tta 3; choose one of: 0, 2, 4, 8"):
         train(tiny_config(colours, tmp_path / "3.pt", tta=3))
     assert not (tmp_path / "3.pt").exists()

@@ -62,8 +62,8 @@ def parser() -> argparse.ArgumentParser:
                    help="keep the backbone's BatchNorm statistics as pretrained (its weights still learn)")
     p.add_argument("--tta", type=int, nargs="?", const=8, default=d["tta"], choices=(0, *TTA_COUNTS),
                    help="the checkpoint embeds an image as the mean vector over its right-angle orientations "
-                        "(test-time augmentation): --tta alone all eight, --tta 4 the rotations, --tta 2 the image "
-                        "and its mirror image; N times the cost of every vector")
+                        "(test-time augmentation): 4 the rotations (default), --tta alone all eight, --tta 2 the "
+                        "image and its mirror image, --tta 0 none; N times the cost of every vector")
     p.add_argument("--pooling", default=d["pooling"], choices=list(POOLINGS),
                    help="how the backbone pools its feature maps: avg (default), gem (generalised mean, p = 3)")
     p.add_argument("--scratch", action="store_true", help="no ImageNet weights: train from random initialisation")
