@@ -73,6 +73,12 @@ def _basic_augmentation(input_size: int) -> list:
             transforms.RandomVerticalFlip(), transforms.ColorJitter(saturation=0.2, hue=0.1), transforms.ToTensor()]
 
 
+def _rotations_augmentation(input_size: int) -> list:
+    # basic's flips make four of the eight orientations; a right angle on top makes all eight, the ones --tta averages
+    return [transforms.RandomResizedCrop(input_size, scale=(0.7, 1.0)), RandomRightAngle(),
+            transforms.RandomHorizontalFlip(), transforms.ColorJitter(saturation=0.2, hue=0.1), transforms.ToTensor()]
+
+
 def _histology_augmentation(input_size: int) -> list:
     return [transforms.RandomResizedCrop(input_size, scale=(0.7, 1.0)), RandomRightAngle(),
             transforms.RandomHorizontalFlip(),
@@ -83,6 +89,7 @@ def _histology_augmentation(input_size: int) -> list:
 # Training augmentations by name (``--augmentation``): each gives the steps from a PIL image to a [0, 1] tensor.
 AUGMENTATIONS = {
     "basic": _basic_augmentation,  # the thesis's: crops, flips, saturation and hue jitter
+    "rotations": _rotations_augmentation,  # basic in any of the eight right-angle orientations
     "histology": _histology_augmentation,  # any orientation, stain (HED) and scanner-like colour changes
 }
 DEFAULT_AUGMENTATION = "basic"

@@ -88,6 +88,25 @@ def test_training_transform_augments_and_evaluation_transform_does_not():
     assert not torch.equal(training(image), training(image))
 
 
+def test_rotations_augmentation_trains_on_all_eight_orientations_that_basic_halves():
+    # a grey 3 x 3 pattern with no symmetry: each of its eight orientations is told apart after cropping and jitter
+    pattern = np.array([[0, 40, 80], [120, 160, 200], [240, 20, 220]], dtype=float)
+    image = Image.fromarray(np.kron(pattern, np.ones((20, 20))).astype(np.uint8)).convert("RGB")
+    orientations = [np.rot90(p, k) for p in (pattern, pattern.T) for k in range(4)]
+
+    def seen(augmentation: str) -> set[int]:
+        transform = build_transform(60, (0, 0, 0), (1, 1, 1), train=True, augmentation=augmentation)
+        found = set()
+        for seed in range(80):
+            torch.manual_seed(seed)
+            blocks = transform(image)[0].reshape(3, 20, 3, 20)[:, 5:15, :, 5:15].mean((1, 3)).numpy() * 255
+            found.add(int(np.argmin([np.abs(blocks - o).mean() for o in orientations])))
+        return found
+
+    assert seen("rotations") == set(range(8))  # every orientation --tta averages over
+    assert len(seen("basic")) == 4  # horizontal and vertical flips: half of them
+
+
 def test_histology_augmentation_turns_tissue_every_way_and_shifts_stains_within_bounds():
     pixels = np.random.default_rng(1).integers(0, 255, (6, 6, 3), dtype=np.uint8)
     image = Image.fromarray(pixels)

@@ -55,8 +55,9 @@ def parser() -> argparse.ArgumentParser:
                    help="keep an exponential moving average of the weights with this decay (with warm-up), and "
                         "validate and save it (default: 0, off)")
     p.add_argument("--augmentation", default=d["augmentation"], choices=list(AUGMENTATIONS),
-                   help="basic (default: the thesis's crops, flips and colour jitter), histology (any of the eight "
-                        "right-angle orientations, HED stain and scanner-like colour changes)")
+                   help="basic (default: the thesis's crops, flips and colour jitter), rotations (basic in any of the "
+                        "eight right-angle orientations), histology (any orientation, HED stain and scanner-like "
+                        "colour changes)")
     p.add_argument("--freeze", action="store_true", help="train the head only")
     p.add_argument("--freeze_bn", action="store_true",
                    help="keep the backbone's BatchNorm statistics as pretrained (its weights still learn)")
