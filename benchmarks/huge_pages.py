@@ -1,6 +1,6 @@
-"""What asking PyTorch for huge pages (``THP_MEM_ALLOC_ENABLE=1`` in the environment) is worth on this machine: a training step and an
-embedding batch of EfficientNet-Lite0 at 224 px, each in a fresh process with the setting off (torch's default) and
-on, alternating for ``--rounds`` rounds so that a busy machine slows both alike.
+"""What asking PyTorch for huge pages (``THP_MEM_ALLOC_ENABLE=1`` in the environment) is worth on this machine:
+a training step and an embedding batch of EfficientNet-Lite0 at 224 px, each in a fresh process with the setting off
+(torch's default) and on, alternating for ``--rounds`` rounds so that a busy machine slows both alike.
 
     .venv/bin/python benchmarks/huge_pages.py --rounds 3
 
