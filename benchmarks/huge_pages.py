@@ -20,14 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def child(steps: int) -> dict:
     """Seconds per training step (batch 32) and per embedding batch (32), this process's setting as it is."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
+    from step_cost import step_seconds  # this folder is on the path: the script's own
     from cbir.losses import create_loss
     from cbir.models import create_extractor
 
@@ -38,24 +35,15 @@ def child(steps: int) -> dict:
     optimizer = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()], lr=1e-4)
     images = torch.rand(32, 3, 224, 224).contiguous(memory_format=torch.channels_last)
 
-    def train_step():
-        loss = loss_fn(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    def embed_batch():
-        with torch.inference_mode():
-            model.eval()(images)
-
-    out = {}
-    for name, work in (("train_step", train_step), ("embed_batch", embed_batch)):
-        work()  # warm-up
+    step_seconds(model, loss_fn, optimizer, images, labels, 1)  # warm-up
+    out = {"train_step": step_seconds(model, loss_fn, optimizer, images, labels, steps)}
+    model.eval()
+    with torch.inference_mode():
+        model(images)  # warm-up
         started = time.perf_counter()
         for _ in range(steps):
-            work()
-        out[name] = (time.perf_counter() - started) / steps
-    return out
+            model(images)
+    return out | {"embed_batch": (time.perf_counter() - started) / steps}
 
 
 def main(argv=None) -> None:

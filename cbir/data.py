@@ -68,15 +68,19 @@ class RandomStain:
         return torch.exp(-(_RGB_FROM_HED.T @ (density * factor + offset))).clamp(0, 1).reshape(image.shape)
 
 
+def _crop_turn_jitter(input_size: int, turns: list) -> list:
+    return [transforms.RandomResizedCrop(input_size, scale=(0.7, 1.0)), *turns,
+            transforms.ColorJitter(saturation=0.2, hue=0.1), transforms.ToTensor()]
+
+
 def _basic_augmentation(input_size: int) -> list:
-    return [transforms.RandomResizedCrop(input_size, scale=(0.7, 1.0)), transforms.RandomHorizontalFlip(),
-            transforms.RandomVerticalFlip(), transforms.ColorJitter(saturation=0.2, hue=0.1), transforms.ToTensor()]
+    return _crop_turn_jitter(input_size, [transforms.RandomHorizontalFlip(), transforms.RandomVerticalFlip()])
 
 
 def _rotations_augmentation(input_size: int) -> list:
-    # basic's flips make four of the eight orientations; a right angle on top makes all eight, the ones --tta averages
-    return [transforms.RandomResizedCrop(input_size, scale=(0.7, 1.0)), RandomRightAngle(),
-            transforms.RandomHorizontalFlip(), transforms.ColorJitter(saturation=0.2, hue=0.1), transforms.ToTensor()]
+    # basic's two flips reach four of the eight orientations; a right angle and a flip reach all eight, the ones
+    # --tta averages over
+    return _crop_turn_jitter(input_size, [RandomRightAngle(), transforms.RandomHorizontalFlip()])
 
 
 def _histology_augmentation(input_size: int) -> list:
