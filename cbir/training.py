@@ -49,7 +49,7 @@ from cbir.errors import CbirError, ParameterError, check_at_least
 from cbir.files import check_input_file, check_output_file
 from cbir.labels import PathLookup, check_generalise, classes_for, read_cluster_labels
 from cbir.losses import MetricLoss, check_row_options, create_loss, list_losses
-from cbir.models import (MAX_FEATURES, POOLINGS, TTA_COUNTS, create_extractor, load_extractor,
+from cbir.models import (DEFAULT_FEATURES, MAX_FEATURES, POOLINGS, TTA_COUNTS, create_extractor, load_extractor,
                          prefers_channels_last, read_checkpoint, save_extractor, stored_state)
 from cbir.plots import plot_loss_curve
 
@@ -66,7 +66,7 @@ class TrainConfig:
     weights: str = "weights/extractor.pt"
     model: str = "densenet"
     loss: str | None = None  # None: margin, or the model's own objective for models that train themselves
-    num_features: int = 128
+    num_features: int = DEFAULT_FEATURES  # the embedding head's size (512 since 2026-12-03; 128 before)
     dr_model: bool = False
     num_epochs: int = 5
     batch_size: int = 32

@@ -43,7 +43,7 @@ def count(db_name: str, home_dir) -> int:
 @pytest.mark.slow
 def test_training_writes_a_self_describing_checkpoint_a_loss_curve_and_a_log(trained):
     payload = torch.load(trained, weights_only=True)
-    assert payload["config"]["model"] == "effnet" and payload["config"]["embedding_size"] == 128
+    assert payload["config"]["model"] == "effnet" and payload["config"]["embedding_size"] == 512
     assert payload["config"]["class_names"] == ["shapes_disc", "shapes_ring", "texture_checker", "texture_stripes"]
     with Image.open(trained.with_name("effnet.loss.png")) as curve:
         assert curve.size[0] >= 400 and curve.size[1] >= 300

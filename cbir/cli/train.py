@@ -30,7 +30,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", default=d["loss"], choices=list_losses(),
                    help="loss (default: margin; autoencoders, VAE and BYOL train with their own objective and take "
                         "none)")
-    p.add_argument("--num_features", type=int, default=d["num_features"], help="embedding size")
+    p.add_argument("--num_features", type=int, default=d["num_features"],
+                   help=f"embedding size (default: {d['num_features']})")
     p.add_argument("--dr_model", action="store_true", help="wrap the CNN in the Deep Ranking architecture")
     p.add_argument("--num_epochs", type=int, default=d["num_epochs"])
     p.add_argument("--batch_size", type=int, default=d["batch_size"])

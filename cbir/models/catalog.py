@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from cbir.models.extractor import Extractor
+from cbir.models.extractor import DEFAULT_FEATURES, Extractor
 from cbir.models.registry import BACKBONES
 
 
@@ -37,7 +37,7 @@ def _row(name: str, num_features: int) -> dict:
     return row
 
 
-def describe_models(num_features: int = 128) -> list[dict]:
+def describe_models(num_features: int = DEFAULT_FEATURES) -> list[dict]:
     """One row per registered extractor, in registry order, as a dict with the keys
 
     ``name``, ``description``, ``kind`` (cnn, transformer, autoencoder, self-supervised), ``trains_itself``,
@@ -48,7 +48,7 @@ def describe_models(num_features: int = 128) -> list[dict]:
     return [_row(name, num_features) for name in BACKBONES]
 
 
-def models_table(num_features: int = 128) -> str:
+def models_table(num_features: int = DEFAULT_FEATURES) -> str:
     """describe_models() as aligned text, plus the timm family line: each short name (the thesis's: ``conv``,
     ``vision``, ``auto``...) beside the architecture it stands for."""
     header = ("name", "what it is", "kind", "embedding", "input", "parameters", "pretrained weights")
