@@ -83,11 +83,20 @@ def _rotations_augmentation(input_size: int) -> list:
     return _crop_turn_jitter(input_size, [RandomRightAngle(), transforms.RandomHorizontalFlip()])
 
 
-def _histology_augmentation(input_size: int) -> list:
-    return [transforms.RandomResizedCrop(input_size, scale=(0.7, 1.0)), RandomRightAngle(),
-            transforms.RandomHorizontalFlip(),
+def _crop_turn_stain(input_size: int, turns: list) -> list:
+    return [transforms.RandomResizedCrop(input_size, scale=(0.7, 1.0)), *turns,
             transforms.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1),  # scanners differ; no hue: slow
             transforms.ToTensor(), RandomStain()]
+
+
+def _histology_augmentation(input_size: int) -> list:
+    return _crop_turn_stain(input_size, [RandomRightAngle(), transforms.RandomHorizontalFlip()])
+
+
+def _stain_augmentation(input_size: int) -> list:
+    # histology's colour changes on basic's flips, without its right angles (measured to see whether they were what
+    # cost unseen classes: README, Training recipes)
+    return _crop_turn_stain(input_size, [transforms.RandomHorizontalFlip(), transforms.RandomVerticalFlip()])
 
 
 # Training augmentations by name (``--augmentation``): each gives the steps from a PIL image to a [0, 1] tensor.
@@ -95,6 +104,7 @@ AUGMENTATIONS = {
     "basic": _basic_augmentation,  # the thesis's: crops, flips, saturation and hue jitter
     "rotations": _rotations_augmentation,  # basic in any of the eight right-angle orientations
     "histology": _histology_augmentation,  # any orientation, stain (HED) and scanner-like colour changes
+    "stain": _stain_augmentation,  # basic's crops and flips, histology's colour changes
 }
 DEFAULT_AUGMENTATION = "basic"
 

@@ -105,6 +105,7 @@ def test_rotations_augmentation_trains_on_all_eight_orientations_that_basic_halv
 
     assert seen("rotations") == set(range(8))  # every orientation --tta averages over
     assert len(seen("basic")) == 4  # horizontal and vertical flips: half of them
+    assert seen("stain") == seen("basic")  # histology's colour changes on basic's flips, no right angle
 
 
 def test_histology_augmentation_turns_tissue_every_way_and_shifts_stains_within_bounds():
@@ -128,6 +129,6 @@ def test_histology_augmentation_turns_tissue_every_way_and_shifts_stains_within_
     first = histology(image)
     torch.manual_seed(0)
     assert first.shape == (3, 32, 32) and torch.equal(first, histology(image))  # seeded, as training needs
-    assert set(AUGMENTATIONS) >= {"basic", "histology"}
+    assert set(AUGMENTATIONS) >= {"basic", "histology", "stain"}
     with pytest.raises(CbirError, match="unknown augmentation 'jpeg'"):
         build_transform(32, train=True, augmentation="jpeg")

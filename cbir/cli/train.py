@@ -58,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--augmentation", default=d["augmentation"], choices=list(AUGMENTATIONS),
                    help="basic (default: the thesis's crops, flips and colour jitter), rotations (basic in any of the "
                         "eight right-angle orientations), histology (any orientation, HED stain and scanner-like "
-                        "colour changes)")
+                        "colour changes), stain (histology's colour changes on basic's flips)")
     p.add_argument("--freeze", action="store_true", help="train the head only")
     p.add_argument("--freeze_bn", action="store_true",
                    help="keep the backbone's BatchNorm statistics as pretrained (its weights still learn)")
