@@ -583,7 +583,13 @@ class TrainingRun:
             # A fresh run starts a fresh log; a resumed one keeps the epochs it continues from (and only those).
             self.log_path.write_text("".join(json.dumps(row) + "\n" for row in self.history))
 
+    def _rates(self) -> tuple:
+        """Each optimiser group's base rate and decay, and the scheduler's factor: what its state carries."""
+        return [(g.get("initial_lr", g["lr"]), g["weight_decay"]) for g in self.optimizer.param_groups], \
+            getattr(self.scheduler, "gamma", None)
+
     def _restore(self, resumed: dict) -> None:
+        asked = self._rates()
         try:
             self.optimizer.load_state_dict(resumed["optimizer"])
             if self.loss_fn is not None:
@@ -598,6 +604,10 @@ class TrainingRun:
             _load_scheduler_state(self.scheduler, resumed["scheduler"])
         if self.scaler is not None and resumed.get("scaler"):
             self.scaler.load_state_dict(resumed["scaler"])
+        if self._rates() != asked:
+            # Loading the optimiser's and scheduler's states puts the checkpoint's rates back, whatever was asked.
+            log.warning("%s goes on with the learning rates, weight decay and scheduler factor it trained with, not "
+                        "those asked here; start a new run to train with others", self.config.resume)
         self.start_epoch, self.history = resumed["epoch"], list(resumed["history"])
 
     def train_epoch(self, epoch: int) -> dict:
@@ -746,7 +756,7 @@ def _resume_state(config: TrainConfig, loss_name: str | None, class_names: list[
                                  f"same settings", key)
     if payload["config"].get("class_names") != class_names:
         raise CbirError(f"{config.resume} was trained on other classes than those under {config.training_data}")
-    for key in ("seed", "batch_size", "images_per_class", "min_batches", "max_batches"):
+    for key in ("seed", "batch_size", "images_per_class", "min_batches", "max_batches", "augmentation"):
         theirs, ours = trained_with(key), getattr(config, key)
         same = theirs == ours
         if key == "min_batches":  # a set that fills more batches than either minimum trains the same under both

@@ -227,6 +227,22 @@ def test_resume_from_a_checkpoint_older_than_min_batches_compares_with_what_it_t
         assert any("min_batches" in r.getMessage() for r in caplog.records) == warned, caplog.text
 
 
+def test_resume_says_when_asked_rates_or_augmentation_differ_from_the_checkpoint(colours, tmp_path, caplog):
+    weights = tmp_path / "w.pt"
+    train(tiny_config(colours, weights, num_epochs=1, max_batches=1, scheduler="exponential", gamma=0.5))
+    cases = [({}, None), ({"lr": 1e-2}, "learning rates"), ({"gamma": 0.9}, "learning rates"),
+             ({"augmentation": "stain"}, "augmentation stain differs")]
+    for changed, warning in cases:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cbir"):
+            summary = train(tiny_config(colours, tmp_path / "r.pt", num_epochs=2, max_batches=1, resume=str(weights),
+                                        **{"scheduler": "exponential", "gamma": 0.5, **changed}))
+        messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert (messages == []) if warning is None else any(warning in m for m in messages), messages
+        # the optimiser state wins: epoch 2 trains at the checkpoint's 1e-3 halved once, whatever --lr or --gamma said
+        assert summary["history"][1]["lr"] == pytest.approx(1e-3 * 0.5)
+
+
 def test_resume_of_a_model_that_trains_itself_does_not_warn_of_min_batches(colours, tmp_path, caplog):
     # --min_batches shapes class-balanced epochs only; an autoencoder's epoch is every image once under any value
     weights = tmp_path / "ae.pt"

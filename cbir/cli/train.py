@@ -84,7 +84,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=d["precision"], choices=PRECISIONS,
                    help="auto: mixed precision on GPU (bf16, else fp16 with loss scaling), fp32 on CPU")
     p.add_argument("--resume", default=None, metavar="CHECKPOINT",
-                   help="continue a run from the checkpoint it wrote (same flags; --num_epochs may grow)")
+                   help="continue a run from the checkpoint it wrote (same flags; --num_epochs may grow; its learning "
+                        "rates go on)")
     generalise_args(p, cluster_help="--generalise 3: the image -> cluster labels cbir-kmeans wrote (train on "
                                     "clusters, not classes)")
     p.add_argument("--min_batches", type=int, default=d["min_batches"],
