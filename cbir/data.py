@@ -74,10 +74,12 @@ def _crop_turn_jitter(input_size: int, turns: list) -> list:
 
 
 def _basic_augmentation(input_size: int) -> list:
+    """the thesis's crops, flips and colour jitter"""
     return _crop_turn_jitter(input_size, [transforms.RandomHorizontalFlip(), transforms.RandomVerticalFlip()])
 
 
 def _rotations_augmentation(input_size: int) -> list:
+    """basic in any of the eight right-angle orientations"""
     # basic's two flips reach four of the eight orientations; a right angle and a flip reach all eight, the ones
     # --tta averages over
     return _crop_turn_jitter(input_size, [RandomRightAngle(), transforms.RandomHorizontalFlip()])
@@ -90,21 +92,24 @@ def _crop_turn_stain(input_size: int, turns: list) -> list:
 
 
 def _histology_augmentation(input_size: int) -> list:
+    """any orientation, HED stain and scanner-like colour changes"""
     return _crop_turn_stain(input_size, [RandomRightAngle(), transforms.RandomHorizontalFlip()])
 
 
 def _stain_augmentation(input_size: int) -> list:
+    """histology's colour changes on basic's flips"""
     # histology's colour changes on basic's flips, without its right angles (measured to see whether they were what
     # cost unseen classes: README, Training recipes)
     return _crop_turn_stain(input_size, [transforms.RandomHorizontalFlip(), transforms.RandomVerticalFlip()])
 
 
-# Training augmentations by name (``--augmentation``): each gives the steps from a PIL image to a [0, 1] tensor.
+# Training augmentations by name (``--augmentation``): each gives the steps from a PIL image to a [0, 1] tensor; its
+# docstring is what ``--help`` says of it.
 AUGMENTATIONS = {
-    "basic": _basic_augmentation,  # the thesis's: crops, flips, saturation and hue jitter
-    "rotations": _rotations_augmentation,  # basic in any of the eight right-angle orientations
-    "histology": _histology_augmentation,  # any orientation, stain (HED) and scanner-like colour changes
-    "stain": _stain_augmentation,  # basic's crops and flips, histology's colour changes
+    "basic": _basic_augmentation,
+    "rotations": _rotations_augmentation,
+    "histology": _histology_augmentation,
+    "stain": _stain_augmentation,
 }
 DEFAULT_AUGMENTATION = "basic"
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cbir.cli import train as train_cli
 from cbir.data import (AUGMENTATIONS, ClassBalancedBatches, RandomRightAngle, RandomStain, ImageDataset, UnreadableImage, build_transform, collate_skipping,
                        list_samples, load_image)
 from cbir.errors import CbirError
@@ -109,7 +110,7 @@ def test_rotations_augmentation_trains_on_all_eight_orientations_that_basic_halv
     assert seen("stain") == basic  # histology's colour changes on basic's flips, no right angle
 
 
-def test_histology_augmentation_turns_tissue_every_way_and_shifts_stains_within_bounds():
+def test_histology_augmentation_turns_tissue_every_way_and_shifts_stains_within_bounds(monkeypatch):
     pixels = np.random.default_rng(1).integers(0, 255, (6, 6, 3), dtype=np.uint8)
     image = Image.fromarray(pixels)
     seen = set()
@@ -131,5 +132,9 @@ def test_histology_augmentation_turns_tissue_every_way_and_shifts_stains_within_
     torch.manual_seed(0)
     assert first.shape == (3, 32, 32) and torch.equal(first, histology(image))  # seeded, as training needs
     assert set(AUGMENTATIONS) >= {"basic", "histology", "stain"}
+    monkeypatch.setenv("COLUMNS", "1000")  # one line a flag: argparse would break "right-angle" at its hyphen
+    helped = train_cli.parser().format_help()
+    assert all(recipe.__doc__ and f"{name} ({'default: ' if name == 'basic' else ''}{recipe.__doc__})" in helped
+               for name, recipe in AUGMENTATIONS.items())  # cbir-train --help says what each one does
     with pytest.raises(CbirError, match="unknown augmentation 'jpeg'"):
         build_transform(32, train=True, augmentation="jpeg")

@@ -56,9 +56,8 @@ def parser() -> argparse.ArgumentParser:
                    help="keep an exponential moving average of the weights with this decay (with warm-up), and "
                         "validate and save it (default: 0, off)")
     p.add_argument("--augmentation", default=d["augmentation"], choices=list(AUGMENTATIONS),
-                   help="basic (default: the thesis's crops, flips and colour jitter), rotations (basic in any of the "
-                        "eight right-angle orientations), histology (any orientation, HED stain and scanner-like "
-                        "colour changes), stain (histology's colour changes on basic's flips)")
+                   help=", ".join(f"{name} ({'default: ' if name == d['augmentation'] else ''}{recipe.__doc__})"
+                                  for name, recipe in AUGMENTATIONS.items()))
     p.add_argument("--freeze", action="store_true", help="train the head only")
     p.add_argument("--freeze_bn", action="store_true",
                    help="keep the backbone's BatchNorm statistics as pretrained (its weights still learn)")
