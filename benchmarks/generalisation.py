@@ -280,6 +280,8 @@ def markdown(name: str, extra: str, table: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
+    from cbir.models import TTA_COUNTS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="../shared/data/histo-bench", help="histo-bench (train/index/query folders)")
     p.add_argument("--name", required=True, help="the recipe's name: work folder, sheet and table heading")
@@ -298,7 +300,7 @@ def main(argv=None) -> None:
                    help="the regime whose models the colour regime queries (default: folds; small is cheaper)")
     p.add_argument("--input_size", type=int, default=128,
                    help="input size every run trains and embeds at (the campaign's budget; 0: the model's own, 224)")
-    p.add_argument("--tta", type=int, nargs="?", const=8, default=0, choices=(0, 2, 4, 8),
+    p.add_argument("--tta", type=int, nargs="?", const=8, default=0, choices=(0, *TTA_COUNTS),
                    help="also score every model with test-time augmentation: the mean over this many orientations "
                         "(alone: eight)")
     p.add_argument("--report", action="store_true", help="run nothing: tabulate the runs already finished")
