@@ -98,8 +98,8 @@ def _histology_augmentation(input_size: int) -> list:
 
 def _stain_augmentation(input_size: int) -> list:
     """histology's colour changes on basic's flips"""
-    # histology's colour changes on basic's flips, without its right angles (measured to see whether they were what
-    # cost unseen classes: README, Training recipes)
+    # without histology's right angles: measured to see whether they were what cost unseen classes (README,
+    # Training recipes)
     return _crop_turn_stain(input_size, [transforms.RandomHorizontalFlip(), transforms.RandomVerticalFlip()])
 
 
