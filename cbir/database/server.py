@@ -492,19 +492,23 @@ class EmbeddedServer:
             return
         with self._locked():
             try:
-                # Our pool may hold several connections; drop them so only the one below counts as us.
-                client.connection_pool.disconnect()
-                pipe = client.pipeline(transaction=False)
-                pipe.client_id()
-                pipe.client_list(_type="normal")
-                own_id, clients = pipe.execute()
-                others = [c for c in clients if int(c["id"]) != int(own_id)]
-                if not others:
+                if not self._other_clients(client):
                     self._shutdown(client)
             except CONNECTION_ERRORS:
                 pass  # already gone
             finally:
                 client.close()
+
+    @staticmethod
+    def _other_clients(client: redis.Redis) -> list:
+        """The server's client connections other than ours."""
+        # Our pool may hold several connections; drop them so only the one below counts as us.
+        client.connection_pool.disconnect()
+        pipe = client.pipeline(transaction=False)
+        pipe.client_id()
+        pipe.client_list(_type="normal")
+        own_id, clients = pipe.execute()
+        return [c for c in clients if int(c["id"]) != int(own_id)]
 
     def _shutdown(self, client: redis.Redis) -> None:
         pid = self._server_pid()
@@ -541,12 +545,7 @@ class EmbeddedServer:
             return
         with self._locked():
             try:
-                client.connection_pool.disconnect()
-                pipe = client.pipeline(transaction=False)
-                pipe.client_id()
-                pipe.client_list(_type="normal")
-                own_id, clients = pipe.execute()
-                others = [c for c in clients if int(c["id"]) != int(own_id)]
+                others = self._other_clients(client)
                 if others:
                     self.client = client
                     raise DatabaseError(
