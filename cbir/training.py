@@ -50,7 +50,7 @@ from cbir.files import check_input_file, check_output_file
 from cbir.labels import PathLookup, check_generalise, classes_for, read_cluster_labels
 from cbir.losses import MetricLoss, check_row_options, create_loss, list_losses
 from cbir.models import (DEFAULT_FEATURES, MAX_FEATURES, POOLINGS, TTA_COUNTS, create_extractor, load_extractor,
-                         prefers_channels_last, read_checkpoint, save_extractor, stored_state)
+                         prefers_channels_last, read_checkpoint, save_extractor, stored_state, tta_count)
 from cbir.plots import plot_loss_curve
 
 log = logging.getLogger(__name__)
@@ -519,8 +519,9 @@ class TrainingRun:
             extractor.freeze_backbone()
         elif config.freeze_bn:
             extractor.freeze_batchnorm()
-        if config.tta:  # training never sees it (train mode embeds one orientation); validation and the checkpoint do
-            extractor.config["tta"] = config.tta
+        # Training never sees it (train mode embeds one orientation); validation and the checkpoint do. Set even
+        # when 0: a resumed checkpoint's own count must not outlive a --tta 0 asked here.
+        extractor.config["tta"] = config.tta
         loss_fn = None if trains_itself else create_loss(
             loss_name, num_classes=len(class_names), num_features=extractor.embedding_size,
             augmented=config.augmented, non_contrastive=config.non_contrastive)
@@ -601,7 +602,10 @@ class TrainingRun:
             raise CbirError(f"{self.config.resume}: its optimiser, loss or averaged state does not fit this run "
                             f"({exc})") from None
         if self.scheduler is not None:
+            planned = getattr(self.scheduler, "milestones", None)
             _load_scheduler_state(self.scheduler, resumed["scheduler"])
+            if planned is not None:  # step: fitted to this run's num_epochs, as cosine's length is
+                self.scheduler.milestones = planned
         if self.scaler is not None and resumed.get("scaler"):
             self.scaler.load_state_dict(resumed["scaler"])
         if self._rates() != asked:
@@ -764,6 +768,14 @@ def _resume_state(config: TrainConfig, loss_name: str | None, class_names: list[
         if not same:
             log.warning("%s %s differs from the checkpoint's %s: the run continues, but not as the unbroken one "
                         "would have", key, ours, theirs)
+    if config.scheduler in ("cosine", "step") and trained_with("num_epochs") != config.num_epochs:
+        log.warning("num_epochs %s differs from the checkpoint's %s: its %s schedule is fitted to %s epochs from here",
+                    config.num_epochs, trained_with("num_epochs"), config.scheduler, config.num_epochs)
+    theirs = tta_count(payload["config"])
+    if theirs != config.tta:
+        log.warning("tta %s differs from the checkpoint's %s: the checkpoint this run writes embeds with %s "
+                    "orientations, and databases built with the old one refuse its vectors", config.tta, theirs,
+                    config.tta)
     if training["epoch"] >= config.num_epochs:
         raise ParameterError(f"{config.resume} has already trained {training['epoch']} epochs; give {{num_epochs}} "
                              f"larger than that to continue", "num_epochs")

@@ -231,7 +231,7 @@ def test_resume_says_when_asked_rates_or_augmentation_differ_from_the_checkpoint
     weights = tmp_path / "w.pt"
     train(tiny_config(colours, weights, num_epochs=1, max_batches=1, scheduler="exponential", gamma=0.5))
     cases = [({}, None), ({"lr": 1e-2}, "learning rates"), ({"gamma": 0.9}, "learning rates"),
-             ({"augmentation": "stain"}, "augmentation stain differs")]
+             ({"augmentation": "stain"}, "augmentation stain differs"), ({"tta": 0}, "tta 0 differs")]
     for changed, warning in cases:
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="cbir"):
@@ -241,6 +241,19 @@ def test_resume_says_when_asked_rates_or_augmentation_differ_from_the_checkpoint
         assert (messages == []) if warning is None else any(warning in m for m in messages), messages
         # the optimiser state wins: epoch 2 trains at the checkpoint's 1e-3 halved once, whatever --lr or --gamma said
         assert summary["history"][1]["lr"] == pytest.approx(1e-3 * 0.5)
+        # the count asked is the one the new checkpoint embeds with, 0 included
+        assert load_extractor(tmp_path / "r.pt").config["tta"] == changed.get("tta", 4)
+
+
+def test_resume_with_more_epochs_fits_the_step_schedule_to_them_and_says_so(colours, tmp_path, caplog):
+    weights = tmp_path / "w.pt"
+    settings = dict(max_batches=1, scheduler="step", gamma=0.5)
+    train(tiny_config(colours, weights, num_epochs=2, **settings))  # halves after epochs 1 and 2
+    with caplog.at_level(logging.WARNING, logger="cbir"):
+        summary = train(tiny_config(colours, tmp_path / "r.pt", num_epochs=6, resume=str(weights), **settings))
+    assert any("fitted to 6 epochs" in r.getMessage() for r in caplog.records), caplog.text
+    # from epoch 3 the milestones are 6's (3 and 6), as a cosine schedule's length is 6 epochs: not 2's, all passed
+    assert [row["lr"] for row in summary["history"]] == pytest.approx([1e-3, 5e-4, 2.5e-4, 1.25e-4, 1.25e-4, 1.25e-4])
 
 
 def test_resume_of_a_model_that_trains_itself_does_not_warn_of_min_batches(colours, tmp_path, caplog):
