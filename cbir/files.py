@@ -26,7 +26,7 @@ import secrets
 import stat
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from cbir.errors import CbirError, ParameterError
 from cbir.naming import printable
@@ -96,23 +96,59 @@ def write_file(path: str | os.PathLike, data: bytes, *, mode: int = PRIVATE_FILE
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterator[Path]:
     """A fresh temporary path beside ``path`` to write to; on success it replaces ``path`` in one step.
 
-    For writers that want a path (openpyxl, numpy, torch); :func:`replacing` gives a file. The temporary file is
-    unique, private (``0600``, exclusively created: never an existing file or a link someone planted), and removed
-    on every way out that is not success, an interrupt included. ``suffix`` keeps the extension writers check
-    (``.xlsx`` for openpyxl, ``.npy`` for numpy).
+    For writers that want a path (matplotlib, Pillow, openpyxl, numpy, torch); :func:`replacing` gives a file. The
+    temporary file is unique, private (``0600``, exclusively created: never an existing file or a link someone
+    planted), and removed on every way out that is not success, an interrupt included. Its ``suffix`` is the
+    extension writers check or go by (``.png`` for a figure, ``.xlsx`` for openpyxl): ``path``'s own by default.
+    The folder is made private when missing (:func:`make_folders`) and refused when another user owns it.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = _new_temporary(path, mode=PRIVATE_FILE, suffix=suffix)
+    check_folder_owner(make_folders(path.parent), "output folder")
+    handle, temporary = _new_temporary(path, mode=PRIVATE_FILE, suffix=suffix or path.suffix or ".tmp")
     os.close(handle)
     try:
         yield temporary
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def make_folders(folder: str | os.PathLike) -> Path:
+    """``mkdir -p`` where every folder made is private (``0700``; ``Path.mkdir`` gives the parents the umask's)."""
+    folder = Path(folder)
+    missing = []
+    current = folder.absolute()
+    while not current.exists() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    for made in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made by another process meanwhile
+            os.mkdir(made, PRIVATE_FOLDER)
+    return folder
+
+
+def check_folder_owner(folder: str | os.PathLike, what: str) -> None:
+    """Refuse a folder to write into that another user owns (the superuser, who can read anything, and a group
+    folder shared with the user aside): its owner could read or replace what is written there."""
+    st = os.stat(folder)
+    if st.st_uid not in (os.geteuid(), 0) and not (is_group_shared(st.st_mode) and st.st_gid in _my_groups()):
+        raise CbirError(f"{what} {folder} belongs to user {user_name(st.st_uid)}, not to you; refusing to write "
+                        "into it (its owner could read or replace what is written there); choose another folder")
+
+
+def save_atomically(path: str | os.PathLike, save: Callable[[Path], object]) -> Path:
+    """``save(temporary path)`` (a figure's ``savefig``, an image's ``save``) put in place as ``path`` by
+    :func:`atomic_path`: private, and never written through a link planted under the name. An open file (a
+    ``BytesIO``) is simply written to."""
+    if not isinstance(path, (str, os.PathLike)):
+        save(path)
+        return path
+    with atomic_path(path) as temporary:
+        save(temporary)
+    return Path(path)
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
@@ -287,6 +323,27 @@ def read_private_text(path: str | os.PathLike, what: str, *, shared_group: bool 
         return handle.read().decode("utf-8", "replace")
 
 
+def open_without_links(path: str | os.PathLike) -> int:
+    """A read-only descriptor of ``path``, opened one folder at a time without following a symbolic link anywhere
+    (``OSError`` with ``ELOOP`` or ``ENOTDIR`` where there is one).
+
+    For paths a database stored resolved (``cbir.database.paths``): a link in one now is not the file that was
+    indexed, and may be someone else's way to make the tool read a file of its user's. One descriptor, so what is
+    checked (``fstat``) is what is read.
+    """
+    parts = Path(os.path.abspath(path)).parts
+    folder = os.open(parts[0], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[1:-1]:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+            os.close(folder)
+            folder = inner
+        # O_NONBLOCK: a FIFO planted under the name must not hang the reader
+        return os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
+    finally:
+        os.close(folder)
+
+
 # ---------------------------------------------------------------------------------------------- locks
 
 def lock_wait() -> float:
@@ -400,6 +457,8 @@ def _check_creatable(folder: Path, name: str, what: Path) -> None:
         raise ParameterError(f"{{{name}}} {what}: {existing} is a file, so no folder can be made under it", name)
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ParameterError(f"{{{name}}} {what}: {existing} is not writable", name)
+    if existing == folder.absolute():  # refused now rather than after the work (atomic_path checks it again)
+        check_folder_owner(existing, f"{{{name}}} {what}: the folder")
 
 
 def check_output_file(path: str | os.PathLike, name: str, *, suffix: str | None = None) -> Path:

@@ -38,7 +38,7 @@ from sklearn.metrics.cluster import contingency_matrix
 from cbir.data import UnreadableImage, decoding_threads, load_image
 from cbir.embedding import embed
 from cbir.errors import CbirError, ParameterError
-from cbir.files import atomic_path, write_text_atomically
+from cbir.files import atomic_path, make_folders, save_atomically, write_text_atomically
 from cbir.labels import LABELS_FILE, read_cluster_labels, save_cluster_labels
 
 log = logging.getLogger(__name__)
@@ -237,8 +237,7 @@ def _plot(rows: list[dict], key: str, ylabel: str, title: str, path: Path, chose
     axes.set_xticks(ks)
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    return path
+    return save_atomically(path, lambda temporary: figure.savefig(temporary, dpi=100))
 
 
 def plot_elbow(rows: list[dict], path: str | Path, chosen: int | None = None) -> Path:
@@ -287,8 +286,7 @@ class KMeansModel:
                             f"{saved_print}, these are {given_print}); use the same weights or fit anew")
 
     def save(self, out_dir: str | Path) -> tuple[Path, Path]:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = make_folders(out_dir)
         centres, meta = out_dir / CENTROIDS_FILE, out_dir / META_FILE
         with atomic_path(centres, suffix=".npy") as temporary:
             np.save(temporary, self.centroids.astype(np.float32), allow_pickle=False)

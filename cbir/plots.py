@@ -14,6 +14,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from cbir.files import save_atomically
+
 HIT_COLOUR = "#1a9641"
 MISS_COLOUR = "#d7191c"
 QUERY_COLOUR = "#2c7bb6"
@@ -65,8 +67,7 @@ def plot_loss_curve(history: list[dict], path: str | Path) -> Path:
     ax.legend(lines, [line.get_label() for line in lines], loc="best", fontsize=8)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    return save_atomically(path, lambda temporary: fig.savefig(temporary, dpi=100))
 
 
 def wrap_name(name: str, width: int, max_lines: int = 3) -> str:
@@ -153,5 +154,4 @@ def plot_retrieval(query_image, query_class: str, neighbours: list[tuple], path,
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90, format="png")
-    return path
+    return save_atomically(path, lambda temporary: fig.savefig(temporary, dpi=90, format="png"))

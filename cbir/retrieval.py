@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cbir.images import IMAGE_EXTENSIONS, Sample, UnreadableImage, load_image
 from cbir.embedding import embed, embedding_search
-from cbir.files import open_folder, write_file
+from cbir.files import make_folders, open_folder, open_without_links, write_file
 from cbir.labels import balanced_rounds
 from cbir.naming import NAME_MAX, result_name, safe_name
 from cbir.plots import plot_retrieval
@@ -56,12 +56,12 @@ class SavedRetrieval:
 
 def read_image_file(path: str, *, follow_link: bool = True):
     """(bytes, RGB image) of an image file; ``UnreadableImage`` (one line) for anything that is not a regular,
-    decodable image file with an image extension. What is copied is what was decoded: the same bytes."""
+    decodable image file with an image extension. What is copied is what was decoded: the same bytes. Without
+    ``follow_link`` (a path a database stored, resolved) no link is followed anywhere on the path."""
     if Path(path).suffix.lower() not in IMAGE_EXTENSIONS:
         raise UnreadableImage(f"{path}: not an image file name")
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_link else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC) if follow_link else open_without_links(path)
     except FileNotFoundError:
         raise UnreadableImage(f"{path}: no such file (moved or removed since it was indexed)") from None
     except OSError as error:
@@ -84,7 +84,7 @@ def results_folder(results_dir: str | Path, subfolder: str | None = None):
     subfolder opened without following a link, so nothing is written through a link planted in a shared
     results folder."""
     results_dir = Path(results_dir)
-    results_dir.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(results_dir.parent)
     top = open_folder(results_dir, "results folder", own_link=True)
     folder = top
     try:

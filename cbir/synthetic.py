@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cbir.files import make_folders, save_atomically
+
 CLASSES = ("texture_stripes", "texture_checker", "shapes_disc", "shapes_ring")
 
 
@@ -46,8 +48,8 @@ def make_dataset(root: str | Path, *, splits: dict[str, int] | None = None, size
     for split, per_class in splits.items():
         for kind in classes:
             folder = root / split / kind
-            folder.mkdir(parents=True, exist_ok=True)
+            make_folders(folder)
             for i in range(per_class):
-                make_image(kind, size, rng).save(folder / f"{kind}_{i:03d}.png")
+                save_atomically(folder / f"{kind}_{i:03d}.png", make_image(kind, size, rng).save)
         folders[split] = root / split
     return folders

@@ -46,7 +46,7 @@ from cbir.data import (AUGMENTATIONS, DEFAULT_AUGMENTATION, ClassBalancedBatches
                        ShuffledBatches, TrainingImages, collate_skipping, default_workers, epoch_seed, list_samples)
 from cbir.embedding import embed, pick_device
 from cbir.errors import CbirError, ParameterError, check_at_least
-from cbir.files import check_input_file, check_output_file
+from cbir.files import check_input_file, check_output_file, make_folders, write_text_atomically
 from cbir.labels import PathLookup, check_generalise, classes_for, read_cluster_labels
 from cbir.losses import MetricLoss, check_row_options, create_loss, list_losses
 from cbir.models import (DEFAULT_FEATURES, MAX_FEATURES, POOLINGS, TTA_COUNTS, create_extractor, load_extractor,
@@ -580,9 +580,14 @@ class TrainingRun:
                                  collate_fn=collate_skipping, pin_memory=device.type == "cuda",
                                  persistent_workers=self.workers > 0)
         if self.dist.main:
-            self.weights.parent.mkdir(parents=True, exist_ok=True)
+            make_folders(self.weights.parent)
             # A fresh run starts a fresh log; a resumed one keeps the epochs it continues from (and only those).
-            self.log_path.write_text("".join(json.dumps(row) + "\n" for row in self.history))
+            self._write_log()
+
+    def _write_log(self) -> None:
+        """The log of every epoch so far, replaced whole (a few hundred bytes an epoch): never appended through a
+        link planted under its name."""
+        write_text_atomically(self.log_path, "".join(json.dumps(row) + "\n" for row in self.history))
 
     def _rates(self) -> tuple:
         """Each optimiser group's base rate and decay, and the scheduler's factor: what its state carries."""
@@ -700,8 +705,7 @@ class TrainingRun:
         self.history.append(row)
         if not self.dist.main:
             return
-        with self.log_path.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        self._write_log()
         training_state = {"epoch": row["epoch"], "history": self.history,
                           "train_config": {**asdict(self.config), "loss": self.loss_name}}
         resume_state = {

@@ -12,6 +12,7 @@ from matplotlib.figure import Figure  # no pyplot: no global figure state
 from sklearn.manifold import TSNE
 
 from cbir.errors import CbirError
+from cbir.files import save_atomically
 from cbir.labels import balanced_rounds, clusters_for
 
 log = logging.getLogger("cbir")
@@ -113,7 +114,6 @@ def plot_tsne(points: np.ndarray, classes: list[str], path: str | Path, *, clust
               title: str = "") -> Path:
     """One panel coloured by class; a second coloured by cluster when ``clusters`` is given. Legend outside."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     panels = 2 if clusters is not None else 1
     n_classes = len(set(classes))
     legend_width = 2.6 if n_classes <= 25 else 4.8 if n_classes <= 50 else 7.0
@@ -125,8 +125,7 @@ def plot_tsne(points: np.ndarray, classes: list[str], path: str | Path, *, clust
     if title:
         fig.suptitle(title, fontsize=12)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    return save_atomically(path, lambda temporary: fig.savefig(temporary, dpi=100))
 
 
 def tsne_of_database(db, out: str | Path, *, perplexity: float = 30.0, max_points: int | None = 5000, seed: int = 0,

@@ -9,6 +9,7 @@ sub-folders that are class-folder data sets) or a single class-folder data set.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from collections import Counter
@@ -25,6 +26,7 @@ from PIL import Image
 from cbir.data import (IMAGENET_MEAN, IMAGENET_STD, Sample, UnreadableImage, build_transform, decoding_threads,
                        is_image_file, list_samples, load_image)
 from cbir.errors import CbirError
+from cbir.files import make_folders, save_atomically, write_text_atomically
 from cbir.labels import balanced_rounds, project_of
 from cbir.plots import wrap_name
 
@@ -180,8 +182,7 @@ def _wrap(name: str, width: int = 22) -> str:
 
 
 def _save(fig, path: Path, dpi: int = 100) -> Path:
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return path
+    return save_atomically(path, lambda temporary: fig.savefig(temporary, dpi=dpi, bbox_inches="tight"))
 
 
 def plot_sample_grid(stats: DatasetStats, out_dir: Path, *, per_class: int = 6, seed: int = 0) -> list[Path]:
@@ -463,12 +464,13 @@ def write_tables(stats: DatasetStats, out_dir: Path) -> tuple[Path, Path]:
         "figures": [p.name for p in stats.figures],
     }
     json_path = out_dir / "stats.json"
-    json_path.write_text(json.dumps(document, indent=2))
+    write_text_atomically(json_path, json.dumps(document, indent=2))
     csv_path = out_dir / "stats.csv"
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomically(csv_path, table.getvalue())
     return json_path, csv_path
 
 
@@ -477,7 +479,7 @@ def visualize_dataset(root: str | Path, out_dir: str | Path, *, samples_per_clas
                       augment_views: int = 5, input_size: int = 224, seed: int = 0) -> DatasetStats:
     """Every figure and table of a data set into ``out_dir``."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folders(out_dir)
     stats = compute_stats(root, max_per_class=max_per_class, thumbnail=thumbnail, seed=seed)
     log.info("%s: %d classes; drawing figures into %s", root, len(stats.classes), out_dir)
     stats.figures += plot_sample_grid(stats, out_dir, per_class=samples_per_class, seed=seed)

@@ -78,6 +78,16 @@ def test_weights_naming_a_folder_is_refused_before_training(capsys, tmp_path, sy
     assert list(folder.iterdir()) == []  # no epoch ran: no temporary file
 
 
+def test_weights_where_the_system_makes_no_file_is_one_line(capsys, synthetic_data):
+    # /proc: writable to root by its modes, yet nothing can be made there; others are refused by the check
+    code = run(train.main, ["--model", "effnet", "--scratch", "--input_size", "32", "--num_epochs", "1",
+                            "--max_batches", "1", "--num_workers", "0", "--training_data", str(synthetic_data["train"]),
+                            "--weights", "/proc/cbir-test/x.pt"])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err and "/proc/cbir-test" in err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+
+
 def test_outputs_of_the_wrong_kind_are_refused_before_any_work(capsys, tmp_path, synthetic_data, checkpoint,
                                                                 private_home):
     a_file = tmp_path / "file.txt"

@@ -670,6 +670,115 @@ def test_the_url_can_come_from_a_private_file_and_help_says_so(socket_redis, tmp
         assert "CBIR_REDIS_URL" in flat and "--redis_url_file" in flat and "'ps'" in flat, main.__module__
 
 
+# --- 7. the server: images sent, uploads kept, its token ------------------------------------------------------
+def victim_image(folder: Path) -> Path:
+    path = tile(folder / "a.png", 77)  # the name of the stored image, in a folder only the victim can read
+    os.chmod(path, 0o600)
+    return path
+
+
+def test_the_server_sends_no_file_of_its_user_through_a_link_planted_after_indexing(tmp_path, public, attacker):
+    from cbir.serve.errors import NotFound
+    from cbir.serve.images import stored_image, thumbnail
+
+    shared = public / "shared"  # a shared data set: its folder is the attacker's to write into
+    run_as_attacker(attacker, ["mkdir", "-m", "755", str(shared)])
+    the_attackers(attacker, tile(shared / "a.png", 10))
+    stored = str(shared / "a.png")  # as a database stores it: resolved
+    assert stored_image(stored)[1] == "image/png" and thumbnail(stored)[:2] == b"\xff\xd8"
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o700)
+    secret = victim_image(victim)
+    # the stored file swapped for a link to the victim's image, then the folder swapped for a link to the victim's
+    for swap in (["ln", "-sf", str(secret), stored],
+                 ["sh", "-c", f"mv {shared} {shared}.old && ln -s {victim} {shared}"]):
+        run_as_attacker(attacker, swap)
+        for send in (stored_image, thumbnail):
+            with pytest.raises(NotFound, match="no longer on disk"):
+                send(stored)
+
+
+def test_uploads_are_never_written_into_folders_another_user_planted(tmp_path, public, attacker, capsys):
+    from cbir.cli import serve as serve_cli
+    from cbir.serve.engine import _write_private
+
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o755)
+    uploads = public / "uploads"
+    run_as_attacker(attacker, ["mkdir", "-m", "777", str(uploads), str(uploads / "db")])
+    run_as_attacker(attacker, ["ln", "-s", str(victim), str(uploads / "db" / "cls")])
+    if attacker:
+        # the attacker's uploads folder: refused whole, nothing written, the victim's folder's mode untouched
+        with pytest.raises(CbirError, match="belongs to user cbir-attacker"):
+            _write_private(uploads / "db" / "cls" / "x.png", b"data", root=uploads / "db")
+        assert run(serve_cli.main, ["--db_name", "db", "--uploads", str(uploads)]) == 2
+        assert "uploads folder" in capsys.readouterr().err
+    else:
+        os.chmod(uploads, 0o700)
+    # a folder of the server's user, with a class folder planted as a link in it: refused, nothing written
+    mine = tmp_path / "mine"
+    (mine / "db").mkdir(parents=True)
+    (mine / "db" / "cls").symlink_to(victim)
+    the_attackers(attacker, mine / "db" / "cls")
+    with pytest.raises(CbirError, match="symbolic link"):
+        _write_private(mine / "db" / "cls" / "x.png", b"data", root=mine / "db")
+    assert list(victim.iterdir()) == [] and mode(victim) == 0o755
+    _write_private(mine / "db" / "new" / "x.png", b"data", root=mine / "db")
+    assert mode(mine / "db" / "new") == 0o700 and mode(mine / "db" / "new" / "x.png") == 0o600
+
+
+def test_a_token_file_another_user_made_or_linked_is_refused(tmp_path, public, attacker):
+    from cbir.serve.auth import read_token
+
+    theirs = public / "api.token"
+    run_as_attacker(attacker, ["sh", "-c", f"umask 077; echo the-token-they-also-know-123 > {theirs}"])
+    mine = tmp_path / "api.token"
+    mine.write_text("a-token-of-my-own-12345\n")
+    mine.chmod(0o600)
+    (tmp_path / "link.token").symlink_to(mine)
+    if attacker:
+        with pytest.raises(CbirError, match="belongs to user cbir-attacker"):
+            read_token(str(theirs))
+    with pytest.raises(CbirError, match="symbolic link"):
+        read_token(str(tmp_path / "link.token"))
+    assert read_token(str(mine)) == "a-token-of-my-own-12345"
+
+
+# --- 8. what the other commands write -----------------------------------------------------------------------
+def test_training_outputs_replace_links_planted_beside_them_and_stay_private(synthetic_data, tmp_path, public,
+                                                                            attacker, capsys):
+    from cbir.cli import train as train_cli
+    from cbir.cli import visualize as visualize_cli
+
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o755)
+    secret = victim_file(victim)
+    # In a shared folder (as /tmp): the log planted as a link to the victim's file, the loss curve as a link to a
+    # new file in the victim's folder.
+    for name, target in (("m.log.jsonl", secret), ("m.loss.png", victim / "new.png")):
+        (public / name).symlink_to(target)
+        the_attackers(attacker, public / name)
+    argv = ["--model", "effnet", "--scratch", "--input_size", "32", "--num_features", "8", "--num_epochs", "1",
+            "--max_batches", "1", "--num_workers", "0", "--tta", "0", "--training_data", str(synthetic_data["train"])]
+    assert run(train_cli.main, argv + ["--weights", str(public / "m.pt")]) == 0
+    assert secret.read_text() == "the victim's private notes\n" and [p.name for p in victim.iterdir()] == ["private.txt"]
+    for name in ("m.pt", "m.log.jsonl", "m.loss.png"):
+        assert not (public / name).is_symlink() and mode(public / name) == 0o600, name
+    made = public / "made" / "deeper"  # folders the tool makes are private
+    assert run(train_cli.main, argv + ["--weights", str(made / "m.pt")]) == 0
+    assert mode(made) == mode(made.parent) == 0o700
+
+    theirs = public / "theirs"  # a folder of another user's: refused before any work, in one line
+    run_as_attacker(attacker, ["mkdir", "-m", "777", str(theirs)])
+    capsys.readouterr()
+    if attacker:
+        assert run(train_cli.main, argv + ["--weights", str(theirs / "m.pt")]) == 2
+        assert run(visualize_cli.main, ["--path", str(synthetic_data["train"]), "--out", str(theirs)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("belongs to user cbir-attacker") == 2 and "Traceback" not in err
+        assert list(theirs.iterdir()) == []
+
+
 # --- retrieval's names -----------------------------------------------------------------------------------------
 def test_result_names_too_long_are_shortened_never_dropped(tmp_path):
     long_names = ["x" * 240 + "_one.png", "x" * 240 + "_two.png"]

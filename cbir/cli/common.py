@@ -140,7 +140,7 @@ def protocol_args(parser: argparse.ArgumentParser, *, default_measure: str) -> N
                         help=f"protocol (default: {default_measure})")
     parser.add_argument("--repeats", type=at_least(1), default=10, help="repetitions of stat (default: 10)")
     parser.add_argument("--max_queries", type=at_least(1), default=1000,
-                        help="random: stop just over this many queries")
+                        help="random: stop just over this many queries (default: 1000)")
     parser.add_argument("--remove_classes", default=None,
                         help="remove: comma-separated classes to leave out (default: the dominant classes, printed)")
     parser.add_argument("--project_name", default=None, help="only the queries of this project")
@@ -234,7 +234,8 @@ class _StderrHandler(logging.StreamHandler):
 
 def run(main, argv=None) -> int:
     """Run a command: user errors become one line on stderr and exit 2 (a library error naming a parameter
-    names its flag); Ctrl-C exits 130; a reader that stops reading (``| head``) ends the command quietly."""
+    names its flag); what the system refuses (``OSError``) one line and exit 1; Ctrl-C exits 130; a reader that
+    stops reading (``| head``) ends the command quietly."""
     # Our own progress and warnings only: the root logger stays quiet (FAISS logs its CPU-feature probing there).
     logger = logging.getLogger("cbir")
     if not logger.handlers:
@@ -256,6 +257,9 @@ def run(main, argv=None) -> int:
         # Python would print its own error while flushing stdout at exit: point stdout at nothing first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:  # the system refused (a full disk, a place no file can be made): one line, no traceback
+        print(f"error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cbir.cli.common import at_least, command_parser, entry_point
 from cbir.errors import CbirError
-from cbir.files import check_input_file, check_output_folder
+from cbir.files import check_input_file, check_output_folder, make_folders, save_atomically
 
 GAP = 4  # white pixels between the input and its reconstruction
 
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     extractor = extractor_from_checkpoint(payload).to(device)
     transform = extractor.transform(train=False)
     mean, std = extractor.config["mean"], extractor.config["std"]
-    out.mkdir(parents=True, exist_ok=True)
+    make_folders(out)
 
     written, skipped, squared_error = [], [], 0.0
     batch_size = args.batch_size or 32
@@ -93,7 +93,7 @@ def main(argv=None) -> None:
             name = f"{sample.class_name}_{Path(sample.path).stem}_reconstruction.png"
             target = out / "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
             pair = side_by_side(_pixels(image, mean, std), _pixels(reconstruction, [0, 0, 0], [1, 1, 1]))
-            Image.fromarray(pair).save(target)
+            save_atomically(target, Image.fromarray(pair).save)
             written.append(target)
     if not written:
         raise CbirError(f"no readable image under {args.path}")

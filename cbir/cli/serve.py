@@ -88,11 +88,14 @@ def main(argv=None) -> None:
 
     import uvicorn
 
+    from cbir.files import prepare_folder
     from cbir.serve import Limits, ServeConfig, create_app
     from cbir.serve.auth import TOKEN_ENV, read_token
     from cbir.serve.engine import RetrievalService
 
     token = read_token(args.token_file)
+    if args.uploads:  # made private, or refused when another user owns it: what it keeps is the server user's
+        prepare_folder(args.uploads, what="uploads folder")
     config = ServeConfig(
         db_name=args.db_name, home=args.home, redis_url=args.redis_url, weights=args.weights, auth=args.auth,
         token=token, uploads=Path(args.uploads).absolute() if args.uploads else None,

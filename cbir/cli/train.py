@@ -33,8 +33,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num_features", type=int, default=d["num_features"],
                    help=f"embedding size (default: {d['num_features']})")
     p.add_argument("--dr_model", action="store_true", help="wrap the CNN in the Deep Ranking architecture")
-    p.add_argument("--num_epochs", type=int, default=d["num_epochs"])
-    p.add_argument("--batch_size", type=int, default=d["batch_size"])
+    p.add_argument("--num_epochs", type=int, default=d["num_epochs"], help=f"(default: {d['num_epochs']})")
+    p.add_argument("--batch_size", type=int, default=d["batch_size"], help=f"(default: {d['batch_size']})")
     p.add_argument("--images_per_class", type=int, default=d["images_per_class"],
                    help="images of one class in a batch")
     p.add_argument("--augmented", action="store_true",

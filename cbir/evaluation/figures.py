@@ -12,6 +12,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from cbir.files import make_folders, save_atomically
+
 NONE_LABEL = "(none)"
 
 
@@ -50,8 +52,7 @@ def _draw(labels: list[str], counts: np.ndarray, name: str, xlabel: str, target:
         for r, c in zip(*np.nonzero(counts)):
             axes.text(c, r, str(counts[r, c]), ha="center", va="center", fontsize=font,
                       color="white" if shares[r, c] > 0.5 else "black")
-    figure.savefig(target, dpi=100, bbox_inches="tight")
-    return target
+    return save_atomically(target, lambda temporary: figure.savefig(temporary, dpi=100, bbox_inches="tight"))
 
 
 def plot_confusion_matrices(per_query: Iterable[Sequence[Any]], out_dir: str | os.PathLike) -> list[Path]:
@@ -60,8 +61,7 @@ def plot_confusion_matrices(per_query: Iterable[Sequence[Any]], out_dir: str | o
     entries = [tuple(entry) for entry in per_query]
     if not entries:
         raise ValueError("no query outcome to draw a confusion matrix from")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_folders(out_dir)
     written = []
     for column, name, xlabel in ((2, "top1", "class of the first result"),
                                  (3, "majority", "most common class of the first five")):

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import hmac
 import os
-import stat
-from pathlib import Path
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPBearer
 
 from cbir.errors import CbirError
+from cbir.files import read_private_text
 
 from .config import AUTH_MODES
 
@@ -33,16 +32,10 @@ bearer = HTTPBearer(auto_error=False, description=f"the token of {TOKEN_ENV} or 
 def read_token(token_file: str | None) -> str | None:
     """The token of ``token_file`` (its first line), else of ``$CBIR_API_TOKEN``; None when neither is set."""
     if token_file:
-        path = Path(token_file)
-        try:
-            mode = path.stat().st_mode
-            text = path.read_text(encoding="utf-8")
-        except OSError as error:
-            raise CbirError(f"cannot read the token file {path}: {error.strerror or error}") from None
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise CbirError(f"token file {path} is readable by other users; chmod 600 {path}")
+        # Another user's file, or a link to one, would be a token that user knows: refused like a Redis URL file.
+        text = read_private_text(token_file, "token file")
         token = text.strip().splitlines()[0].strip() if text.strip() else ""
-        source = str(path)
+        source = token_file
     else:
         token = os.environ.get(TOKEN_ENV, "").strip()
         source = f"${TOKEN_ENV}"

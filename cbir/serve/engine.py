@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import threading
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from PIL import Image
 
 from cbir.database import Database, DatabaseError, list_databases
 from cbir.errors import CbirError
+from cbir.files import open_folder, prepare_folder, replacing
 from cbir.images import prepare
 from cbir.inference import recorded_encoder
 from cbir.naming import safe_name
@@ -429,31 +429,22 @@ def _inside(path: str, folder: Path) -> bool:
         return False
 
 
-def _private_folder(folder: Path, root: Path) -> None:
-    """Make ``folder`` and every folder from ``root`` down to it, each open to the server's user only."""
-    root.mkdir(parents=True, exist_ok=True)
-    os.chmod(root, 0o700)
-    current = root
-    for part in folder.relative_to(root).parts:
-        current = current / part
-        current.mkdir(exist_ok=True)
-        os.chmod(current, 0o700)
-
-
 def _write_private(path: Path, data: bytes, *, root: Path) -> None:
-    """Write ``data`` to ``path`` atomically, mode 0600, never through a symbolic link."""
-    _private_folder(path.parent, root)
-    tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    """Write ``data`` to ``path`` under ``root`` atomically, mode 0600, in folders of the server's user only: each
+    folder from ``root`` down is opened without following a link and refused when it is someone else's, and the file
+    is written relative to that open folder (see :func:`cbir.files.open_folder`), so nothing planted in a shared
+    uploads folder redirects it."""
+    prepare_folder(root.parent, what="uploads folder")  # made private when missing, refused when someone else's
+    folder = open_folder(root, "uploads folder", own_link=True)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o600)
+        for part in path.parent.relative_to(root).parts:
+            inner = open_folder(part, "uploads folder", dir_fd=folder)
+            os.close(folder)
+            folder = inner
+        with replacing(path.name, durable=True, dir_fd=folder) as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        os.close(folder)
 
 
 def _keep_only_stored(db: Database, written: list[Path]) -> None:

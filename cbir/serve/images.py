@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import io
 import os
 import stat
-from pathlib import Path
+import threading
 
 from PIL import Image, UnidentifiedImageError
 
+from cbir.files import open_without_links
 from cbir.images import UnreadableImage, load_image
 
 from .config import Limits
@@ -19,6 +20,9 @@ from .errors import BadInput, NotFound, TooLarge
 BROWSER_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp",
                    "BMP": "image/bmp"}
 THUMBNAIL_PX = 256
+THUMBNAILS_KEPT = 4096
+_thumbnails: dict[tuple, bytes] = {}  # the oldest made goes first
+_thumbnails_lock = threading.Lock()
 
 
 def decode_upload(data: bytes, filename: str | None, limits: Limits) -> Image.Image:
@@ -49,51 +53,65 @@ def decode_upload(data: bytes, filename: str | None, limits: Limits) -> Image.Im
         raise BadInput(f"'{name}' is damaged or truncated: it cannot be decoded") from None
 
 
-def _regular_file(path: str) -> os.stat_result:
+@contextlib.contextmanager
+def _stored_file(path: str):
+    """(open file, its fstat) of a stored image: one descriptor, no link anywhere on the way (stored paths are
+    resolved: a link there now, or a folder swapped for one, is someone's way to have the server send them a file of
+    its user's), a regular file."""
+    gone = NotFound("the image file of this entry is no longer on disk")
     try:
-        info = os.stat(path)
+        fd = open_without_links(path)
     except OSError:
-        raise NotFound("the image file of this entry is no longer on disk") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise NotFound("the image file of this entry is no longer on disk")
-    return info
+        raise gone from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise gone
+        yield handle, info
 
 
 def stored_image(path: str) -> tuple[bytes, str]:
     """(bytes, media type) of a stored image, for a browser.
 
     Only a file Pillow recognises as an image is ever sent: the path comes from the database, and a database entry
-    whose file was replaced by something else must not turn into a way to read that file.
+    whose file was replaced by something else must not turn into a way to read that file. What is checked is what
+    is sent: the bytes read once.
     """
-    _regular_file(path)
+    with _stored_file(path) as (handle, _):
+        data = handle.read()
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             kind = image.format
             usable = kind in BROWSER_FORMATS and image.mode in ("RGB", "RGBA", "L", "LA", "P", "1")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         raise NotFound("the file of this entry is not a readable image any more") from None
     if usable:
-        return Path(path).read_bytes(), BROWSER_FORMATS[kind]
-    try:
-        return _encode(load_image(path), "PNG"), "image/png"
-    except UnreadableImage:
-        raise NotFound("the file of this entry is not a readable image any more") from None
+        return data, BROWSER_FORMATS[kind]
+    return _encode(_decoded(data), "PNG"), "image/png"
 
 
 def thumbnail(path: str) -> bytes:
     """A JPEG of at most 256 px a side (cached; a file changed on disk gets a new one)."""
-    info = _regular_file(path)
-    return _thumbnail(path, info.st_mtime_ns, info.st_size)
+    with _stored_file(path) as (handle, info):
+        key = (path, info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+        with _thumbnails_lock:
+            cached = _thumbnails.get(key)
+        if cached is None:
+            image = _decoded(handle.read())
+            image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+            cached = _encode(image, "JPEG")
+            with _thumbnails_lock:  # requests are served from several threads
+                _thumbnails[key] = cached
+                while len(_thumbnails) > THUMBNAILS_KEPT:
+                    del _thumbnails[next(iter(_thumbnails))]
+    return cached
 
 
-@functools.lru_cache(maxsize=4096)
-def _thumbnail(path: str, _mtime_ns: int, _size: int) -> bytes:
+def _decoded(data: bytes) -> Image.Image:
     try:
-        image = load_image(path)
+        return load_image(io.BytesIO(data))
     except UnreadableImage:
         raise NotFound("the file of this entry is not a readable image any more") from None
-    image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
-    return _encode(image, "JPEG")
 
 
 def _encode(image: Image.Image, kind: str) -> bytes:

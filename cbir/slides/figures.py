@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+
+from cbir.files import save_atomically
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
@@ -79,5 +81,4 @@ def plot_slide_search(query_tiles: list, query_thumbnail, query_boxes, query_tit
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    return path
+    return save_atomically(path, lambda temporary: fig.savefig(temporary, dpi=90))

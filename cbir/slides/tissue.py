@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cbir.files import save_atomically
+
 # Otsu's threshold on the "stain" score, kept inside these bounds: never below MIN_STAIN, so a blank slide has no
 # tissue to split off (glass scores about 0.04); never above MAX_STAIN, for when tissue fills most of the thumbnail
 # and Otsu splits dark from pale tissue rather than tissue from glass.
@@ -46,10 +48,7 @@ def tissue_mask(thumbnail: Image.Image) -> np.ndarray:
 
 def save_mask(mask: np.ndarray, path: str | Path) -> Path:
     """The mask as a black-and-white PNG (white = tissue), the size of the thumbnail it was found on."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path)
-    return path
+    return save_atomically(path, Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save)
 
 
 def area_fractions(mask: np.ndarray, boxes: np.ndarray, downsample: float) -> np.ndarray:
