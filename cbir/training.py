@@ -117,7 +117,7 @@ class TrainConfig:
 #: Every field's default, for fronts that expose the fields as flags (they must not restate them).
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name != "training_data"}
 #: What a checkpoint written before a field existed trained with, where that is not today's default.
-BEFORE_THE_KEY = {"min_batches": 0, "ema": 0.0}
+BEFORE_THE_KEY = {"min_batches": 0, "ema": 0.0, "augmentation": "basic"}
 
 
 # ----------------------------------------------------------------------------------------------------------------

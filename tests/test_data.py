@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from cbir.cli import train as train_cli
-from cbir.data import (AUGMENTATIONS, ClassBalancedBatches, RandomRightAngle, RandomStain, ImageDataset, UnreadableImage, build_transform, collate_skipping,
+from cbir.data import (AUGMENTATIONS, DEFAULT_AUGMENTATION, ClassBalancedBatches, RandomRightAngle, RandomStain, ImageDataset, UnreadableImage, build_transform, collate_skipping,
                        list_samples, load_image)
 from cbir.errors import CbirError
 
@@ -107,7 +107,26 @@ def test_rotations_augmentation_trains_on_all_eight_orientations_that_basic_halv
     assert seen("rotations") == set(range(8))  # every orientation --tta averages over
     basic = seen("basic")
     assert len(basic) == 4  # horizontal and vertical flips: half of them
-    assert seen("stain") == basic  # histology's colour changes on basic's flips, no right angle
+    assert seen("stain") == seen("nohue") == basic  # colour changes differ, flips the same
+
+
+def test_the_default_augmentation_keeps_every_hue_that_basic_turns():
+    import colorsys
+
+    eosin = Image.new("RGB", (40, 40), (200, 60, 90))
+
+    def hues(augmentation: str) -> list[float]:
+        transform = build_transform(32, (0, 0, 0), (1, 1, 1), train=True, augmentation=augmentation)
+        found = []
+        for seed in range(20):
+            torch.manual_seed(seed)
+            found.append(colorsys.rgb_to_hsv(*transform(eosin).mean((1, 2)).tolist())[0])
+        return found
+
+    original = colorsys.rgb_to_hsv(200 / 255, 60 / 255, 90 / 255)[0]
+    assert DEFAULT_AUGMENTATION == "nohue"
+    assert max(abs(h - original) for h in hues("nohue")) < 0.01  # saturation changes, never the hue
+    assert max(min(abs(h - original), 1 - abs(h - original)) for h in hues("basic")) > 0.05  # up to ±0.1 of the circle
 
 
 def test_histology_augmentation_turns_tissue_every_way_and_shifts_stains_within_bounds(monkeypatch):
@@ -134,7 +153,8 @@ def test_histology_augmentation_turns_tissue_every_way_and_shifts_stains_within_
     assert set(AUGMENTATIONS) >= {"basic", "histology", "stain"}
     monkeypatch.setenv("COLUMNS", "1000")  # one line a flag: argparse would break "right-angle" at its hyphen
     helped = train_cli.parser().format_help()
-    assert all(recipe.__doc__ and f"{name} ({'default: ' if name == 'basic' else ''}{recipe.__doc__})" in helped
+    assert all(recipe.__doc__ and f"{name} ({'default: ' if name == DEFAULT_AUGMENTATION else ''}{recipe.__doc__})"
+               in helped
                for name, recipe in AUGMENTATIONS.items())  # cbir-train --help says what each one does
     with pytest.raises(CbirError, match="unknown augmentation 'jpeg'"):
         build_transform(32, train=True, augmentation="jpeg")
