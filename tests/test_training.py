@@ -119,7 +119,9 @@ def tiny_config(data, weights, **overrides) -> TrainConfig:
     ("contrastive", {"augmented": True, "non_contrastive": True}),
 ])
 def test_every_loss_lowers_its_value_on_a_separable_problem(colours, tmp_path, loss, modes):
-    summary = train(tiny_config(colours, tmp_path / "w.pt", loss=loss, **modes))
+    # basic's hue jitter blurs the colour classes: without it a random CNN already separates four flat colours,
+    # a triplet loss starts at zero and there is nothing left to lower
+    summary = train(tiny_config(colours, tmp_path / "w.pt", loss=loss, augmentation="basic", **modes))
     losses = [row["loss"] for row in summary["history"]]
     assert summary["loss"] == loss and len(losses) == 6 and all(np.isfinite(losses))
     # each epoch sees other batches: compare the first epoch with the mean of the last two
