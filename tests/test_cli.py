@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,7 @@ def test_training_writes_a_self_describing_checkpoint_a_loss_curve_and_a_log(tra
 
 
 @pytest.mark.slow
-def test_index_retrieve_and_evaluate(trained, synthetic_data, home, private_home, tmp_path, capsys):
+def test_index_retrieve_and_evaluate(trained, synthetic_data, home, private_home, tmp_path, capsys, monkeypatch):
     assert run(index.main, ["--path", str(synthetic_data["index"]), "--weights", str(trained), "--num_workers", "0",
                             *home]) == 0
     assert count("db", private_home) == 24
@@ -75,6 +76,15 @@ def test_index_retrieve_and_evaluate(trained, synthetic_data, home, private_home
     assert len(neighbours) == 5 and sorted(int(n.split("_")[0]) for n in neighbours) == [1, 2, 3, 4, 5]
     with Image.open(results / "retrieval.png") as figure:
         assert figure.size[0] > 400 and figure.size[1] > 200
+
+    # A file in the working folder has no class folder: its heading shows no empty label, no neighbour is marked.
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(query, "mine.png")
+    capsys.readouterr()
+    assert run(retrieve.main, ["--path", "mine.png", "--nrt_neigh", "3", "--results_dir", "loose",
+                               "--num_workers", "0", *home]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "query mine.png:" and len([line for line in lines if line.startswith("    ")]) == 3
 
     folder_results = tmp_path / "per_class"
     assert run(retrieve.main, ["--path", str(synthetic_data["query"]), "--results_dir", str(folder_results),

@@ -61,7 +61,9 @@ def main(argv=None) -> None:
     for retrieval in retrievals:
         saved = save_retrieval(retrieval, args.results_dir, per_class=not single)
         missing += saved.missing
-        print(f"query {printable(retrieval.query.path)} ({printable(retrieval.query.class_name)}):")
+        # a lone file's class is its folder's name; one in the working folder has none to show
+        label = f" ({printable(retrieval.query.class_name)})" if retrieval.query.class_name else ""
+        print(f"query {printable(retrieval.query.path)}{label}:")
         for n in retrieval.neighbours:
             mark = "+" if n.class_name == retrieval.query.class_name else " "
             print(f"  {mark}{n.rank:>3}  {n.distance:.4f}  {printable(n.class_name):<24} {printable(n.path)}")
