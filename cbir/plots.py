@@ -19,6 +19,7 @@ from cbir.files import save_atomically
 HIT_COLOUR = "#1a9641"
 MISS_COLOUR = "#d7191c"
 QUERY_COLOUR = "#2c7bb6"
+UNJUDGED_COLOUR = "#808080"  # a query without a class: its results are neither right nor wrong
 
 
 def _number(value) -> float:
@@ -107,7 +108,7 @@ def _frame(ax, colour: str, width: float = 4) -> None:
 
 def plot_retrieval(query_image, query_class: str, neighbours: list[tuple], path, *, title: str = ""):
     """The query beside its neighbours, each titled with rank, class and distance; correct classes framed green,
-    others red.
+    others red, all grey when the query has no class (a lone file outside any class folder).
 
     ``neighbours`` holds (image, class, distance) tuples, best first; an image None (its file moved or was removed
     since indexing) gets a grey panel that says so, in its place among the ranks.
@@ -127,6 +128,7 @@ def plot_retrieval(query_image, query_class: str, neighbours: list[tuple], path,
     _frame(axes[0][0], QUERY_COLOUR)
     axes[0][0].set_title(f"query\n{wrap_name(query_class, width_chars)}", fontsize=fontsize, fontweight="bold",
                          color=QUERY_COLOUR)
+    labelled = bool(query_class)
     hits = 0
     for rank, (image, class_name, distance) in enumerate(neighbours):
         ax = axes[1 + rank // columns][rank % columns]
@@ -136,19 +138,21 @@ def plot_retrieval(query_image, query_class: str, neighbours: list[tuple], path,
                     color="0.3", transform=ax.transAxes)
         else:
             ax.imshow(image)
-        correct = class_name == query_class
+        correct = labelled and class_name == query_class
         hits += correct
-        colour = HIT_COLOUR if correct else MISS_COLOUR
-        mark = "✓" if correct else "✗"
-        ax.set_title(f"{mark} {rank + 1}. {wrap_name(class_name, width_chars)}\ndistance {distance:.3f}",
+        colour = HIT_COLOUR if correct else MISS_COLOUR if labelled else UNJUDGED_COLOUR
+        mark = ("✓ " if correct else "✗ ") if labelled else ""
+        ax.set_title(f"{mark}{rank + 1}. {wrap_name(class_name, width_chars)}\ndistance {distance:.3f}",
                      fontsize=fontsize, color=colour)
         _frame(ax, colour)
     if columns > 1:
         # The key, in the free space of the query's row.
         missing = sum(image is None for image, _, _ in neighbours)
-        axes[0][1].text(0.02, 0.5, f"{hits} of {len(neighbours)} results of the query's class\n"
-                                   + (f"{missing} not shown: file moved or removed\n" if missing else "") + "\n"
-                                   "green frame ✓: same class\nred frame ✗: another class\n"
+        judged = (f"{hits} of {len(neighbours)} results of the query's class\n" if labelled else
+                  "the query has no class (no class folder):\nthe results are not judged\n")
+        frames = "green frame ✓: same class\nred frame ✗: another class\n" if labelled else ""
+        axes[0][1].text(0.02, 0.5, judged + (f"{missing} not shown: file moved or removed\n" if missing else "")
+                                   + "\n" + frames +
                                    "distance: squared L2 of unit vectors\n(2 - 2 cos: 0 = identical, 4 = opposite)",
                         fontsize=9, va="center", ha="left", transform=axes[0][1].transAxes)
     if title:

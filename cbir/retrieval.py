@@ -127,8 +127,11 @@ def save_retrieval(retrieval: Retrieval, results_dir: str | Path, *, per_class: 
             name = result_name(f"{n.rank}_{safe_name(n.class_name)}", Path(n.path).name, limit=limit)
             write_file(name, data, dir_fd=folder)
             shown.append((image, n.class_name, n.distance))
-        hits = sum(n.class_name == query.class_name for n in retrieval.neighbours)
-        title = f"{Path(query.path).name}: {hits}/{len(retrieval.neighbours)} of the same class"
+        if query.class_name:
+            hits = sum(n.class_name == query.class_name for n in retrieval.neighbours)
+            title = f"{Path(query.path).name}: {hits}/{len(retrieval.neighbours)} of the same class"
+        else:  # a lone file in the working folder: no class folder, nothing to count as right
+            title = f"{Path(query.path).name}: its {len(retrieval.neighbours)} nearest"
         if missing:
             title += f"; {len(missing)} not shown (file moved or removed)"
         figure = io.BytesIO()

@@ -16,7 +16,7 @@ from cbir.cli import tsne as tsne_cli
 from cbir.cli import visualize as visualize_cli
 from cbir.cli.common import run
 from cbir.database import Database
-from cbir.plots import HIT_COLOUR, MISS_COLOUR, plot_loss_curve, plot_retrieval, wrap_name
+from cbir.plots import HIT_COLOUR, MISS_COLOUR, UNJUDGED_COLOUR, plot_loss_curve, plot_retrieval, wrap_name
 from cbir.synthetic import make_image
 
 CLASSES = ("pbc_basophil", "pbc_eosinophil", "lc25000_lung_aca", "umcm_colorectal_01_TUMOR_with_a_long_name")
@@ -172,7 +172,7 @@ def test_visualize_missing_folder_is_one_line(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------- plots
 
 @pytest.mark.slow
-def test_retrieval_figure_frames_hits_green_and_misses_red(tmp_path):
+def test_retrieval_figure_frames_hits_green_and_misses_red_and_an_unlabelled_query_s_results_grey(tmp_path):
     rng = np.random.default_rng(0)
     query = make_image("shapes_disc", 64, rng)
     long_name = "umcm_colorectal_01_TUMOR_a_class_name_far_too_long_for_one_line"
@@ -185,6 +185,11 @@ def test_retrieval_figure_frames_hits_green_and_misses_red(tmp_path):
     # Two hits and two misses: frames (and titles) of both colours.
     assert pixels_near(pixels, HIT_COLOUR) > 500
     assert pixels_near(pixels, MISS_COLOUR) > 500
+
+    # A query without a class (a lone file outside any class folder): nothing is judged, every frame is grey.
+    pixels = assert_figure(plot_retrieval(query, "", neighbours, tmp_path / "unlabelled.png"), 600, 400)
+    assert pixels_near(pixels, HIT_COLOUR) < 50 and pixels_near(pixels, MISS_COLOUR) < 50
+    assert pixels_near(pixels, UNJUDGED_COLOUR) > 1000
 
 
 def test_long_class_names_wrap_on_underscores():
