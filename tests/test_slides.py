@@ -59,6 +59,19 @@ def stored(home_dir, name="db"):
 
 
 # --- reading, tiling, mosaics ----------------------------------------------------------------------------------
+def test_the_working_folder_is_searched_for_slides_by_its_relative_name(tmp_path, monkeypatch):
+    """`--path .` (or an empty one) in a folder with a file of no known suffix told slides from images, not a
+    traceback."""
+    from cbir.slides.sources import holds_slides, list_slides
+
+    monkeypatch.chdir(tmp_path)
+    Path("notes").write_text("not a slide")
+    assert not holds_slides(".") and not holds_slides("")
+    shutil.copy(SLIDES / "synthetic-small.svs", "slide.svs")
+    # every candidate is listed; one that does not open is skipped and reported when indexing
+    assert holds_slides(".") and "slide.svs" in [Path(s.path).name for s in list_slides(".")]
+
+
 def test_tiles_are_cut_by_physical_size_from_the_level_closest_above_it():
     spec = TilingSpec.from_flags(magnification=20)  # 0.5 µm/px, 224 px: 112 µm
     assert spec.tile_um == pytest.approx(112) and spec.tile_px == 224

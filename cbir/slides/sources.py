@@ -18,7 +18,8 @@ def _candidates(folder: Path) -> list[Path]:
     for path in sorted(folder.rglob("*")):
         if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
             continue
-        if path.suffix.lower() in _NOT_SLIDES or path.parent.with_suffix(".mrxs").is_file():
+        # absolute: the working folder given as "." or "" has no name to put a suffix on
+        if path.suffix.lower() in _NOT_SLIDES or path.parent.absolute().with_suffix(".mrxs").is_file():
             continue
         files.append(path)
     return files
